@@ -1,0 +1,1 @@
+"""kd: a Hydra-configured knowledge-distillation sweep harness for CIFAR-10."""

@@ -1,0 +1,176 @@
+"""Datasets as uint8 tensors, split once, augmented in whole batches on the training device.
+
+Every source returns (train_images, train_labels, test_images, test_labels) with images as uint8 NCHW.
+`DeviceLoader` does random crop (padding 4), horizontal flip and batching with tensor ops, seeded by
+(seed, epoch): two runs with the same seed see the same batches in the same order, whatever the method.
+The last, partial batch is kept (as the original notebook's DataLoader did).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import to_absolute_path
+
+log = logging.getLogger(__name__)
+
+Arrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class DataError(ValueError):
+    """Raised before training for a data configuration that cannot work."""
+
+
+OFFLINE_CHOICES = "data=imagefolder data.root=<folder with train/ and test/> or data=synthetic"
+
+
+def cifar10(root: str, download: bool = True) -> Arrays:
+    """torchvision's CIFAR-10 (50,000 train / 10,000 test), downloaded into `root` when missing."""
+    from torchvision.datasets import CIFAR10
+
+    root = to_absolute_path(root)
+    try:
+        train, test = (CIFAR10(root, train=flag, download=download) for flag in (True, False))
+    except Exception as err:  # no network, or no files with download=False
+        raise DataError(
+            f"CIFAR-10 is not in data.root={root!r} and could not be downloaded "
+            f"(download={download}): {err}. Offline, use {OFFLINE_CHOICES}."
+        ) from err
+
+    def arrays(ds):
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+
+    return (*arrays(train), *arrays(test))
+
+
+def imagefolder(root: str | None) -> Arrays:
+    """`root/train/<class>/*` and `root/test/<class>/*`; class index = position in the sorted folder names."""
+    if not root:
+        raise DataError(f"data=imagefolder needs data.root (a folder with train/ and test/); got {root!r}")
+    root_path = Path(to_absolute_path(root))
+    missing = [s for s in ("train", "test") if not (root_path / s).is_dir()]
+    if missing:
+        raise DataError(
+            f"data.root={str(root_path)!r} has no {' or '.join(m + '/' for m in missing)} folder; "
+            f"expected root/train/<class>/* and root/test/<class>/*. Offline alternatives: {OFFLINE_CHOICES}."
+        )
+    train_classes = sorted(p.name for p in (root_path / "train").iterdir() if p.is_dir())
+    test_classes = sorted(p.name for p in (root_path / "test").iterdir() if p.is_dir())
+    if train_classes != test_classes:
+        raise DataError(f"train/ and test/ under {root_path} have different classes: {train_classes} vs {test_classes}")
+    return (*_decode_folder(root_path / "train", train_classes), *_decode_folder(root_path / "test", test_classes))
+
+
+def _decode_folder(folder: Path, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_image
+
+    images, labels = [], []
+    for index, name in enumerate(classes):
+        for file in sorted((folder / name).iterdir()):
+            images.append(decode_image(str(file), mode=ImageReadMode.RGB))
+            labels.append(index)
+    log.info("decoded %d images from %s", len(images), folder)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def synthetic(num_train: int = 2000, num_test: int = 500, num_classes: int = 10, seed: int = 0, noise: float = 0.35) -> Arrays:
+    """A learnable 32x32x3 task, generated in memory: each class is a smooth random colour pattern.
+
+    Samples are the class pattern, randomly shifted by up to 4 pixels, brightness-jittered and noised, so a
+    small CNN beats chance after one epoch while the task is not trivially separable by one pixel.
+    """
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
+    patterns = torch.nn.functional.interpolate(coarse, size=(40, 40), mode="bicubic", align_corners=False)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(num_classes, (n,), generator=g)
+        dx, dy = torch.randint(0, 9, (2, n), generator=g)
+        rows = (dy[:, None] + torch.arange(32))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(32))[:, None, None, :]
+        crops = patterns[labels][torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+        brightness = 0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)
+        images = crops * brightness + noise * torch.randn(n, 3, 32, 32, generator=g)
+        return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+    return (*sample(num_train), *sample(num_test))
+
+
+@dataclass
+class Splits:
+    """uint8 images and int64 labels on the training device: train (augmented), val and test (not)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+
+def build_splits(arrays: Arrays, val_fraction: float, split_seed: int, num_classes: int,
+                 train_subset: int | None, device: torch.device) -> Splits:
+    """Hold out `val_fraction` of the training set by a permutation seeded with `split_seed`.
+
+    `train_subset` (optional) keeps only that many of the remaining training images, for smoke runs.
+    """
+    train_x, train_y, test_x, test_y = arrays
+    n = len(train_y)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    n_val = int(round(n * val_fraction))
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    if train_subset is not None:
+        train_idx = train_idx[:train_subset]
+    found = int(torch.cat([train_y, test_y]).max()) + 1
+    if found > num_classes:
+        raise DataError(f"the data has {found} classes but data.num_classes={num_classes}")
+    to = lambda t: t.to(device)  # noqa: E731
+    return Splits(to(train_x[train_idx]), to(train_y[train_idx]), to(train_x[val_idx]), to(train_y[val_idx]),
+                  to(test_x), to(test_y), num_classes)
+
+
+def crop_flip(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Crop each uint8 image at offset (dy, dx) of its zero-padded copy, then mirror it where `flip`."""
+    n, c, h, w = images.shape
+    device = images.device
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+    cols = dx[:, None] + torch.arange(w, device=device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+class DeviceLoader:
+    """Shuffled, augmented training batches as float images in [0, 1] (each model normalises its own input).
+
+    All randomness of an epoch (order, crop offsets, flips) is drawn at its start from a generator seeded by
+    (seed, epoch); the gathering happens per batch so memory stays at one batch.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, pad: int = 4):
+        self.images, self.labels, self.batch_size, self.seed, self.pad = images, labels, batch_size, seed, pad
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def epoch(self, epoch: int):
+        n, device = len(self.labels), self.images.device
+        generator = torch.Generator(device=device).manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=generator, device=device)
+        dx, dy = torch.randint(0, 2 * self.pad + 1, (2, n), generator=generator, device=device)
+        flip = torch.rand(n, generator=generator, device=device) < 0.5
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            sl = slice(start, start + self.batch_size)
+            images = crop_flip(self.images[idx], dx[sl], dy[sl], flip[sl], self.pad)
+            yield images.float().div_(255), self.labels[idx]
+
+
+def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
+    for start in range(0, len(labels), batch_size):
+        yield images[start:start + batch_size].float().div_(255), labels[start:start + batch_size]

@@ -1,0 +1,84 @@
+"""Experiment loggers: W&B (offline by default) or none. A logger failure warns; training goes on."""
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class NoLogger:
+    def start(self, config: dict, run_dir: Path, group: str, name: str) -> None:
+        pass
+
+    def log_epoch(self, record: dict) -> None:
+        pass
+
+    def log_summary(self, results: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _never_raise(method):
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if self.failed:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:  # W&B must never take a training run down with it
+            self.failed = True
+            warnings.warn(f"W&B logging disabled for this run after an error in {method.__name__}: {err}")
+            return None
+    return guarded
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class WandbLogger(NoLogger):
+    """Logs the config, one step per epoch (keys as in results.json's history) and the final summary.
+
+    `group` defaults to the sweep (all jobs of one multirun together), `name` to the method.
+    """
+
+    def __init__(self, project: str, mode: str = "offline", entity: str | None = None, group: str | None = None,
+                 name: str | None = None, tags: list[str] | None = None):
+        self.settings = dict(project=project, mode=mode, entity=entity, group=group, name=name, tags=tags)
+        self.run, self.failed = None, False
+
+    @_never_raise
+    def start(self, config: dict, run_dir: Path, group: str, name: str) -> None:
+        import wandb
+
+        s = self.settings
+        self.run = wandb.init(project=s["project"], entity=s["entity"], mode=s["mode"], config=config,
+                              group=s["group"] or group, name=s["name"] or name, tags=s["tags"],
+                              dir=str(run_dir), reinit="finish_previous")
+
+    @_never_raise
+    def log_epoch(self, record: dict) -> None:
+        if self.run is not None:
+            self.run.log(_flatten(record), step=record["epoch"])
+
+    @_never_raise
+    def log_summary(self, results: dict) -> None:
+        if self.run is not None:
+            flat = _flatten({k: v for k, v in results.items() if k != "history"})
+            self.run.summary.update(flat)
+
+    @_never_raise
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

@@ -1,0 +1,63 @@
+import torch
+import torch.nn.functional as F
+
+from kd.losses.base import DistillationLoss, pooled
+
+
+def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance matrix; the clamp keeps the gradient finite where two points coincide."""
+    squared = x.pow(2).sum(1)
+    d2 = (squared[:, None] + squared[None, :] - 2 * x @ x.t()).clamp(min=1e-12)
+    return d2.sqrt()
+
+
+def distance_term(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Smooth L1 between distance matrices, each divided by the mean of its positive off-diagonal entries."""
+    off_diagonal = ~torch.eye(len(s), dtype=torch.bool, device=s.device)
+    if not off_diagonal.any():
+        return s.sum() * 0.0
+
+    def normalised(x):
+        d = pairwise_distances(x)[off_diagonal]
+        positive = d > 0
+        return d / (d[positive].mean() if positive.any() else 1.0)
+
+    return F.smooth_l1_loss(normalised(s), normalised(t))
+
+
+def triplet_cosines(x: torch.Tensor) -> torch.Tensor:
+    """cos of the angle at x_i in every triangle (x_j, x_i, x_k) with i, j, k distinct."""
+    n = len(x)
+    edges = F.normalize(x[None, :, :] - x[:, None, :], dim=2)  # edges[i, j] = unit(x_j - x_i)
+    cosines = edges @ edges.transpose(1, 2)  # [i, j, k]
+    idx = torch.arange(n, device=x.device)
+    distinct = (idx[:, None, None] != idx[None, :, None]) & (idx[:, None, None] != idx[None, None, :]) \
+        & (idx[None, :, None] != idx[None, None, :])
+    return cosines[distinct]
+
+
+def angle_term(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    if len(s) < 3:
+        return s.sum() * 0.0
+    return F.smooth_l1_loss(triplet_cosines(s), triplet_cosines(t))
+
+
+class RKD(DistillationLoss):
+    """Park et al. 2019, "Relational Knowledge Distillation", on L2-normalised, globally pooled features.
+
+    loss = CE(z_s, y) + distance_weight * RKD_D + angle_weight * RKD_A, where RKD_D is the smooth L1 between
+    pairwise distances (each set divided by its positive mean) and RKD_A the smooth L1 between the cosines
+    of all triplet angles.
+    """
+
+    def __init__(self, distance_weight: float, angle_weight: float, feature: str = "feat", feature_shapes=None):
+        super().__init__()
+        self.distance_weight, self.angle_weight, self.feature = distance_weight, angle_weight, feature
+
+    def forward(self, student, teacher, labels):
+        s = F.normalize(pooled(student.features[self.feature]), dim=1)
+        t = F.normalize(pooled(teacher.features[self.feature]), dim=1)
+        distance, angle = distance_term(s, t), angle_term(s, t)
+        ce = F.cross_entropy(student.logits, labels)
+        total = ce + self.distance_weight * distance + self.angle_weight * angle
+        return total, {"ce": ce, "distance": distance, "angle": angle}

@@ -1,0 +1,78 @@
+"""The frozen teacher: loaded from its checkpoint, or trained once with cross-entropy when missing.
+
+Two jobs that start together with no checkpoint do not both train it: the first takes a file lock and
+trains; the others wait on the lock, then load what it saved.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from filelock import FileLock, Timeout
+from hydra.utils import instantiate, to_absolute_path
+from omegaconf import DictConfig
+
+from kd.checkpoints import load_weights
+from kd.data import Splits
+from kd.io import save_json, save_torch
+from kd.losses.ce import CrossEntropy
+from kd.taps import TappedModel
+from kd.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def tapped(model_cfg: DictConfig, model: torch.nn.Module, taps: list[str]) -> TappedModel:
+    """Wrap a model with its own normalisation and the taps a method asks for, by feature name."""
+    missing = [name for name in taps if name not in model_cfg.taps]
+    if missing:
+        raise ValueError(f"model {model_cfg.name!r} defines no feature tap {missing}; it has {list(model_cfg.taps)}")
+    norm = model_cfg.normalization
+    return TappedModel(model, list(norm.mean), list(norm.std), {name: model_cfg.taps[name] for name in taps})
+
+
+def checkpoint_path(teacher_cfg: DictConfig) -> Path:
+    return Path(to_absolute_path(teacher_cfg.ckpt))
+
+
+def load_or_train(cfg: DictConfig, splits: Splits, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    teacher_cfg = cfg.model.teacher
+    path = checkpoint_path(teacher_cfg)
+    model = instantiate(teacher_cfg.arch)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("another job is training the teacher %s; waiting for it", path)
+            lock.acquire()
+        try:
+            if not path.exists():
+                _train(cfg, model, path, splits, device, dtype)
+        finally:
+            lock.release()
+    load_weights(model, path)
+    log.info("teacher %s loaded from %s", teacher_cfg.name, path)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _train(cfg: DictConfig, model: torch.nn.Module, path: Path, splits: Splits, device: torch.device,
+           dtype: torch.dtype) -> None:
+    recipe = cfg.teacher_training
+    log.info("no teacher checkpoint at %s: training %s with cross-entropy for %d epochs",
+             path, cfg.model.teacher.name, recipe.epochs)
+    torch.manual_seed(recipe.seed)
+    net = tapped(cfg.model.teacher, model.to(device), [])
+    trainer = Trainer(net, CrossEntropy(), None, splits, recipe.optim, recipe.epochs, recipe.seed, dtype,
+                      cfg.trainer.eval_batch_size, label=f"teacher {cfg.model.teacher.name}",
+                      state_path=path.with_name(path.name + ".training-state"), progress=cfg.trainer.progress_bar)
+    result = trainer.fit()
+    save_torch({"state_dict": model.state_dict(), "best_epoch": result.best_epoch,
+                "val_acc": result.best_val_acc}, path)
+    save_json({"arch": cfg.model.teacher.name, "data": cfg.data.name, "epochs": recipe.epochs,
+               "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "history": result.history},
+              path.with_name(path.name + ".json"))
+    path.with_name(path.name + ".training-state").unlink(missing_ok=True)
+    log.info("teacher saved to %s (best epoch %d, val_acc %.4f)", path, result.best_epoch, result.best_val_acc)

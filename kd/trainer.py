@@ -1,0 +1,190 @@
+"""The one training loop: epochs, precision, running metrics, best-epoch selection, resumable state.
+
+Method-agnostic: a method is its loss module. The teacher (if the loss needs one) runs once per batch under
+inference_mode; the loss always computes in fp32, also under bf16 autocast. Running metrics stay on the
+device, so the hot loop never waits for the host; they are read once per epoch.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from kd.data import DeviceLoader, Splits
+from kd.device import autocast, synchronize
+from kd.evaluation import accuracy
+from kd.io import save_torch
+from kd.losses.base import DistillationLoss
+from kd.taps import Outputs, TappedModel
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    best_epoch: int
+    best_val_acc: float
+    train_time_sec: float
+    resumed_from_epoch: int = 0
+
+
+@dataclass
+class _State:
+    """Everything needed to continue after the last finished epoch, exactly as if never stopped."""
+
+    next_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None  # {"epoch", "val_acc", "student", "loss"}
+    train_time_sec: float = 0.0
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, student: TappedModel, loss_fn: DistillationLoss, teacher: TappedModel | None,
+                 splits: Splits, optim: DictConfig, epochs: int, seed: int, dtype: torch.dtype,
+                 eval_batch_size: int, label: str, state_path: Path | None = None,
+                 on_epoch: Callable[[dict], None] | None = None, progress: bool = True):
+        self.student, self.loss_fn, self.teacher, self.splits = student, loss_fn, teacher, splits
+        self.epochs, self.dtype, self.eval_batch_size, self.label = epochs, dtype, eval_batch_size, label
+        self.state_path, self.on_epoch, self.progress = state_path, on_epoch, progress
+        self.device = splits.train_x.device
+        self.loader = DeviceLoader(splits.train_x, splits.train_y, optim.batch_size, seed)
+        params = [p for p in [*student.parameters(), *loss_fn.parameters()] if p.requires_grad]
+        self.optimizer = instantiate(optim.optimizer)(params)
+        self.scheduler = instantiate(optim.scheduler)(self.optimizer)
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+
+    # ------------------------------------------------------------------ state
+    def _save_state(self, state: _State) -> None:
+        if self.state_path is None:
+            return
+        save_torch({"next_epoch": state.next_epoch, "history": state.history, "best": state.best,
+                    "train_time_sec": state.train_time_sec, "student": self.student.model.state_dict(),
+                    "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "rng": _rng_state()}, self.state_path)
+
+    def _load_state(self) -> _State:
+        if self.state_path is None or not Path(self.state_path).exists():
+            return _State()
+        try:
+            saved = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        except Exception as err:  # a corrupt state: keep it for inspection, start over
+            corrupt = Path(self.state_path).with_suffix(".corrupt")
+            Path(self.state_path).rename(corrupt)
+            log.warning("could not read training state %s (%s); moved it to %s and starting over",
+                        self.state_path, err, corrupt)
+            return _State()
+        self.student.model.load_state_dict(saved["student"])
+        self.loss_fn.load_state_dict(saved["loss"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        _set_rng_state(saved["rng"])
+        log.info("resuming from %s after epoch %d", self.state_path, saved["next_epoch"])
+        return _State(saved["next_epoch"], saved["history"], saved["best"], saved["train_time_sec"])
+
+    # ------------------------------------------------------------------ loop
+    def _teacher_outputs(self, images: torch.Tensor) -> Outputs | None:
+        if self.teacher is None:
+            return None
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            outputs = self.teacher(images)
+        return outputs.detached_float()
+
+    def _train_epoch(self, epoch: int) -> dict:
+        self.student.train()
+        self.loss_fn.train()
+        self.loss_fn.start_epoch(epoch, self.epochs)
+        zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
+        loss_sum, correct, seen, terms_sum = zero(), zero(), 0, {}
+        first_bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
+        batches = tqdm(self.loader.epoch(epoch), total=len(self.loader), leave=False,
+                       desc=f"{self.label} {epoch + 1}/{self.epochs}", disable=None if self.progress else True)
+        for step, (images, labels) in enumerate(batches):
+            teacher = self._teacher_outputs(images)
+            with autocast(self.device, self.dtype):
+                student = self.student(images)
+            with torch.autocast(self.device.type, enabled=False):
+                total, terms = self.loss_fn(student.float(), teacher, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+
+            detached = total.detach()
+            bad = ~torch.isfinite(detached) & (first_bad_step < 0)
+            first_bad_step = torch.where(bad, torch.full_like(first_bad_step, step), first_bad_step)
+            loss_sum += detached * len(labels)
+            correct += (student.logits.detach().argmax(1) == labels).sum()
+            seen += len(labels)
+            for name, value in terms.items():
+                terms_sum[name] = terms_sum.get(name, 0) + value.detach() * len(labels)
+        bad_step = int(first_bad_step)
+        if bad_step >= 0:
+            raise NonFiniteLoss(f"{self.label}: the loss became non-finite at epoch {epoch + 1}, step {bad_step + 1}")
+        return {"loss": (loss_sum / seen).item(), "train_acc": correct.item() / seen,
+                "terms": {k: (v / seen).item() for k, v in terms_sum.items()}}
+
+    def fit(self) -> TrainResult:
+        state = self._load_state()
+        resumed_from = state.next_epoch
+        for epoch in range(state.next_epoch, self.epochs):
+            synchronize(self.device)
+            start = time.perf_counter()
+            record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **self._train_epoch(epoch)}
+            self.scheduler.step()
+            record["val_acc"] = accuracy(self.student, self.splits.val_x, self.splits.val_y,
+                                         self.eval_batch_size, self.dtype)
+            synchronize(self.device)
+            record["seconds"] = time.perf_counter() - start
+            is_best = state.best is None or record["val_acc"] > state.best["val_acc"]
+            if is_best:
+                state.best = {"epoch": epoch + 1, "val_acc": record["val_acc"],
+                              "student": copy.deepcopy(self.student.model.state_dict()),
+                              "loss": copy.deepcopy(self.loss_fn.state_dict())}
+            state.history.append(record)
+            state.train_time_sec += record["seconds"]
+            state.next_epoch = epoch + 1
+            self._log_epoch(record, is_best)
+            self._save_state(state)
+            if self.on_epoch is not None:
+                self.on_epoch(record)
+        self.student.model.load_state_dict(state.best["student"])
+        self.loss_fn.load_state_dict(state.best["loss"])
+        return TrainResult(state.history, state.best["epoch"], state.best["val_acc"], state.train_time_sec,
+                           resumed_from)
+
+    def _log_epoch(self, r: dict, is_best: bool) -> None:
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in r["terms"].items())
+        log.info("%s epoch %3d/%d  loss %.4f  train_acc %.4f  val_acc %.4f %s %6.1fs  [%s]", self.label,
+                 r["epoch"], self.epochs, r["loss"], r["train_acc"], r["val_acc"], "*best" if is_best else "     ",
+                 r["seconds"], terms)

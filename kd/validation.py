@@ -1,0 +1,36 @@
+"""Checks of the composed config that must fail before any training, with the value and what is valid."""
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _positive_int(value, key: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}={value!r} is invalid: it must be a whole number >= 1")
+
+
+def _positive(value, key: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"{key}={value!r} is invalid: it must be a number > 0")
+
+
+def validate_optim(optim: DictConfig, prefix: str) -> None:
+    _positive_int(optim.batch_size, f"{prefix}.batch_size")
+    _positive(optim.optimizer.lr, f"{prefix}.optimizer.lr")
+
+
+def validate(cfg: DictConfig) -> None:
+    _positive_int(cfg.kd_epochs, "kd_epochs")
+    validate_optim(cfg.optim, "optim")
+    validate_optim(cfg.teacher_training.optim, "teacher_training.optim")
+    _positive_int(cfg.teacher_training.epochs, "teacher_training.epochs")
+    _positive_int(cfg.trainer.eval_batch_size, "trainer.eval_batch_size")
+    fraction = cfg.data.val_fraction
+    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"data.val_fraction={fraction!r} is invalid: it must lie strictly between 0 and 1")
+    if cfg.data.train_subset is not None:
+        _positive_int(cfg.data.train_subset, "data.train_subset")
