@@ -59,7 +59,8 @@ def train(cfg: DictConfig) -> dict:
     dtype = resolve_precision(cfg.trainer.precision, device)
 
     data = cfg.data
-    splits = build_splits(instantiate(data.source), data.val_fraction, data.split_seed, data.num_classes,
+    load_source = instantiate(data.source, _partial_=True)  # called here so its DataError is not wrapped
+    splits = build_splits(load_source(), data.val_fraction, data.split_seed, data.num_classes,
                           data.train_subset, device)
     log.info("data %s: %d train, %d val, %d test images on %s, %s", data.name, len(splits.train_y),
              len(splits.val_y), len(splits.test_y), device, str(dtype).removeprefix("torch."))

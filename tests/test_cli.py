@@ -1,0 +1,112 @@
+"""`python train.py` as a user runs it: one run, the ten-method sweep, every method on both teacher shapes,
+and bad input rejected before any training."""
+import json
+
+import pytest
+
+from conftest import TINY, compose_config, run_train
+from kd.data import DataError
+from kd.run import train
+from kd.validation import ConfigError
+
+pytestmark = pytest.mark.slow
+METHODS = ["ce", "kd", "cee", "fitnet", "at", "logit", "fkd", "rkd", "crd", "pkt"]
+RESULT_KEYS = {"method", "method_name", "seed", "kd_epochs", "train_time_sec", "train_acc", "val_acc", "test_acc",
+               "best_epoch", "history", "teacher", "student"}
+
+
+def test_single_run_writes_config_log_results_and_weights(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train([*TINY, "data.source.num_train=1500", "kd_epochs=2", "seed=1", "model/teacher=smallnet",
+                      f"model.teacher.ckpt={tmp_path / 'teacher.pt'}", "teacher_training.epochs=2",
+                      f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "Vanilla KD (Hinton et al. 2015)"
+    assert any(line.startswith("teacher smallnet test_acc") for line in lines)
+    summary = lines[-1]
+    assert summary.startswith("{'method': 'Vanilla KD (Hinton et al. 2015)', 'train_time_sec': ")
+    assert all(key in summary for key in ("'train_acc'", "'val_acc'", "'test_acc'"))
+    results = json.loads((run_dir / "results.json").read_text())
+    assert RESULT_KEYS <= set(results) and results["method"] == "kd" and results["seed"] == 1
+    assert results["test_acc"] > 0.8  # chance is 0.1
+    assert len(results["history"]) == 2 and {"loss", "train_acc", "val_acc", "seconds"} <= set(results["history"][0])
+    assert 0 < results["train_time_sec"] < sum(h["seconds"] for h in results["history"]) + 1e-6 * 2
+    assert results["student"] == {"arch": "smallnet", "params": 141_354}
+    for name in ("student.pt", "train.log", ".hydra/config.yaml", ".hydra/overrides.yaml"):
+        assert (run_dir / name).exists(), name
+    assert "epoch   2/2" in (run_dir / "train.log").read_text()
+
+
+def test_glob_sweep_runs_all_ten_methods(tmp_path, random_teacher_ckpts):
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", "method=glob(*)", *TINY, "kd_epochs=1", "model/teacher=resnet20",
+                      f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}", f"hydra.sweep.dir={sweep}"],
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert sorted(r["method"] for r in results) == sorted(METHODS)
+    assert all(r["teacher"]["arch"] == "resnet20" and len(r["history"]) == 1 for r in results)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_with_a_resnet18_teacher(method, tmp_path, monkeypatch, random_teacher_ckpts):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config([*TINY, f"method={method}", "kd_epochs=1", "data.source.num_train=200",
+                          "data.source.num_test=100", "model/teacher=resnet18",
+                          f"model.teacher.ckpt={random_teacher_ckpts['resnet18']}"])
+    results = train(cfg)
+    assert results["method"] == method and len(results["history"]) == 1
+    assert all(isinstance(v, float) for v in results["history"][0]["terms"].values())
+
+
+def test_grid_sweep_over_loss_parameters(tmp_path, random_teacher_ckpts):
+    sweep = tmp_path / "grid"
+    proc = run_train(["-m", "method=kd", "method.loss.temperature=2,8", *TINY, "kd_epochs=1",
+                      "data.source.num_train=200", "model/teacher=resnet20",
+                      f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}", f"hydra.sweep.dir={sweep}"],
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    temperatures = sorted(json.loads(p.read_text())["method"] for p in sweep.glob("*/results.json"))
+    configs = sorted((p / ".hydra" / "overrides.yaml").read_text() for p in sweep.iterdir() if p.is_dir())
+    assert len(temperatures) == 2 and "temperature=2" in configs[0] and "temperature=8" in configs[1]
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_unknown_method_lists_the_choices(tmp_path):
+    proc = run_train(["method=nope", *TINY], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "nope" in proc.stderr and "Available options" in proc.stderr and "rkd" in proc.stderr
+
+
+def test_bad_value_is_reported_plainly_before_training(tmp_path):
+    proc = run_train(["kd_epochs=0", *TINY, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "kd_epochs=0 is invalid: it must be a whole number >= 1" in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists() and "epoch" not in proc.stdout
+
+
+@pytest.mark.parametrize("override,error,message", [
+    ("kd_epochs=-2", ConfigError, "kd_epochs=-2 is invalid"),
+    ("optim.batch_size=0", ConfigError, "optim.batch_size=0 is invalid"),
+    ("optim.optimizer.lr=0", ConfigError, "optim.optimizer.lr=0 is invalid: it must be a number > 0"),
+    ("optim.optimizer.lr=-0.1", ConfigError, "optim.optimizer.lr=-0.1 is invalid"),
+    ("data.val_fraction=1.5", ConfigError, "data.val_fraction=1.5 is invalid: it must lie strictly between 0 and 1"),
+    ("data.val_fraction=0", ConfigError, "data.val_fraction=0 is invalid"),
+    ("device=cuda:3", ConfigError, "device='cuda:3' is not available here"),
+    ("device=tpu", ConfigError, "device='tpu'"),
+    ("trainer.precision=fp8", ConfigError, "trainer.precision='fp8' is not one of auto, fp32, bf16"),
+    ("data=imagefolder", DataError, "data=imagefolder needs data.root"),
+    ("data=imagefolder data.root=/nonexistent/kd", DataError, "data.root='/nonexistent/kd' has no train/ or test/"),
+    ("data=cifar10 data.root=/nonexistent/kd data.source.download=false", DataError,
+     "CIFAR-10 is not in data.root='/nonexistent/kd'.*data=synthetic"),
+])
+def test_each_bad_input_fails_before_training(override, error, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = [o for o in TINY if not o.startswith(("data", "device")) or o.split("=")[0] in override]
+    cfg = compose_config([*tiny, *override.split(), "model/teacher=smallnet",
+                          f"model.teacher.ckpt={tmp_path / 'teacher.pt'}"])
+    with pytest.raises(error, match=message):
+        train(cfg)
+    assert not (tmp_path / "teacher.pt").exists() and not (tmp_path / "training-state.pt").exists()
