@@ -23,11 +23,25 @@ def compose_config(overrides=()):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def run_train(args, cwd, timeout=600):
+def train_command(args):
+    return [sys.executable, str(ROOT / "train.py"), *args]
+
+
+def train_env(**extra):
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **extra}
+
+
+def run_train(args, cwd, timeout=600, **env):
     """`python train.py ARGS` in a subprocess, as a user would run it."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(train_command(args), cwd=cwd, env=train_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def comparable(results):
+    """results.json without what legitimately differs between two runs of the same config (wall times)."""
+    drop = {"train_time_sec", "resumed_from_epoch", "host", "teacher_cache"}
+    history = [{k: v for k, v in h.items() if k != "seconds"} for h in results["history"]]
+    return {**{k: v for k, v in results.items() if k not in drop}, "history": history}
 
 
 @pytest.fixture(scope="session")
