@@ -59,3 +59,23 @@ def test_crop_flip_matches_a_direct_crop():
             expected = expected.flip(-1)
         assert torch.equal(out[i], expected)
     assert torch.equal(out[0], torch.nn.functional.pad(images[0], (4, 4, 4, 4))[:, :32, :32])
+
+
+def test_imagefolder_decodes_every_image_with_sorted_class_indices(tmp_path):
+    from torchvision.io import write_png
+
+    from kd.data import imagefolder
+
+    classes = ["zebra", "apple", "moth"]  # sorted: apple=0, moth=1, zebra=2
+    written = {}
+    for split, count in (("train", 3), ("test", 2)):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+                write_png(image, str(tmp_path / split / name / f"{i}.png"))
+                written[(split, sorted(classes).index(name), i)] = image
+    train_x, train_y, test_x, test_y = imagefolder(str(tmp_path))
+    assert train_x.shape == (9, 3, 32, 32) and train_x.dtype == torch.uint8 and test_x.shape == (6, 3, 32, 32)
+    assert train_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert torch.equal(train_x[3], written[("train", 1, 0)]) and torch.equal(test_x[5], written[("test", 2, 1)])
