@@ -27,6 +27,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise CheckpointMismatch(f"cannot read checkpoint {path}: {err}") from err
     state = extract_state_dict(obj)
     expected = model.state_dict()
+    # checkpoints saved before PyTorch 0.4.1 have no BatchNorm step counters; they do not affect the outputs
+    counters = {k: v for k, v in expected.items() if k.endswith("num_batches_tracked") and k not in state}
+    state = {**state, **counters}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"

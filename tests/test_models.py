@@ -37,6 +37,17 @@ def test_cifar_resnet_state_dict_round_trip_with_module_prefix(make, tmp_path):
     assert torch.equal(source.eval()(x), target.eval()(x))
 
 
+def test_checkpoint_without_batchnorm_counters_loads(tmp_path):
+    """The public pytorch_resnet_cifar10 files predate BatchNorm's num_batches_tracked buffers."""
+    source = resnet20()
+    old_style = {f"module.{k}": v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": old_style}, tmp_path / "old.th")
+    target = resnet20()
+    load_weights(target, tmp_path / "old.th")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(source.eval()(x), target.eval()(x))
+
+
 def test_mismatched_checkpoint_names_file_and_keys(tmp_path):
     path = tmp_path / "wrong.pt"
     torch.save(resnet20().state_dict(), path)

@@ -2,24 +2,12 @@
 import torch.nn.functional as F
 from torch import nn
 
+from kd.models.blocks import BasicBlock
 
-class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
 
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+def block(in_planes: int, planes: int, stride: int) -> BasicBlock:
+    projection = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+    return BasicBlock(in_planes, planes, stride, projection)
 
 
 class ResNet18(nn.Module):
@@ -31,7 +19,7 @@ class ResNet18(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         widths, strides, in_planes = (64, 128, 256, 512), (1, 2, 2, 2), 64
         for i, (planes, stride) in enumerate(zip(widths, strides), start=1):
-            blocks = [BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)]
+            blocks = [block(in_planes, planes, stride), block(planes, planes, 1)]
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
             in_planes = planes
         self.linear = nn.Linear(512, num_classes)

@@ -6,6 +6,8 @@ state dicts load once the DataParallel `module.` prefix is stripped (see kd.chec
 import torch.nn.functional as F
 from torch import nn
 
+from kd.models.blocks import BasicBlock
+
 
 class PadShortcut(nn.Module):
     """Option A: subsample by 2 and zero-pad planes/4 channels on BOTH sides of the channel axis.
@@ -21,23 +23,6 @@ class PadShortcut(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = PadShortcut(planes)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
 class CifarResNet(nn.Module):
     """`layer3` outputs the last feature map (64x8x8 for 32x32 inputs)."""
 
@@ -50,7 +35,8 @@ class CifarResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(16)
         in_planes = 16
         for i, (planes, stride) in enumerate(zip((16, 32, 64), (1, 2, 2)), start=1):
-            blocks = [BasicBlock(in_planes if j == 0 else planes, planes, stride if j == 0 else 1) for j in range(n)]
+            blocks = [BasicBlock(in_planes if j == 0 else planes, planes, stride if j == 0 else 1, PadShortcut(planes))
+                      for j in range(n)]
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
             in_planes = planes
         self.linear = nn.Linear(64, num_classes)
