@@ -1,0 +1,135 @@
+"""Finding the jobs of one or more sweeps, and what state each one is in.
+
+A job is any folder with `.hydra/config.yaml`. One without `results.json` still becomes a row (failed or
+missing), so the report never drops a job silently.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from kd.io import load_json
+
+CONFIG, HYDRA, RESULTS, STUDENT, STATE = (".hydra/config.yaml", ".hydra/hydra.yaml", "results.json",
+                                          "student.pt", "training-state.pt")
+OK, FAILED, MISSING = "ok", "failed", "missing"
+
+
+class NoRuns(ValueError):
+    """A folder given to the report holds no run."""
+
+
+@dataclass
+class Job:
+    folder: Path
+    sweep: Path                 # the folder named on the command line
+    num: int                    # hydra.job.num: the job's place in its sweep
+    cfg: DictConfig
+    hydra: DictConfig | None
+    results: dict | None
+    status: str                 # ok, failed (the log names an error) or missing (no results, no error seen)
+    reason: str = ""
+    overrides: list[str] = field(default_factory=list)
+    variant: str = ""           # the overrides that tell this job's grid point apart (set by `label_variants`)
+
+    @property
+    def method(self) -> str:
+        return str(self.cfg.method.name)
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    @property
+    def label(self) -> str:
+        """Method plus grid point, without the seed: the jobs that one row of the seed table pools."""
+        return f"{self.method} [{self.variant}]" if self.variant else self.method
+
+    @property
+    def launch_dir(self) -> Path:
+        """Where train.py was started: relative paths in the config (data.root, teacher ckpt) start here."""
+        return Path(self.hydra.hydra.runtime.cwd) if self.hydra is not None else self.folder
+
+
+def run_folders(folder: Path) -> list[Path]:
+    """The folder itself if it is a run, else its immediate subfolders that are runs."""
+    if (folder / CONFIG).is_file():
+        return [folder]
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / CONFIG).is_file())
+
+
+def collect(folders: list[Path]) -> list[Job]:
+    """Every job under the given sweep (or run) folders, in sweep order: folder by folder, by job number."""
+    jobs = []
+    for sweep in map(Path, folders):
+        if not sweep.is_dir():
+            raise NoRuns(f"{sweep} is not a folder; give a sweep folder (multirun/<date>/<time>) or a run folder")
+        found = run_folders(sweep)
+        if not found:
+            raise NoRuns(f"{sweep} holds no runs: expected a run folder (with {CONFIG}) or a sweep folder whose "
+                         f"subfolders are runs, e.g. multirun/<date>/<time>")
+        jobs += sorted((load_job(f, sweep) for f in found), key=lambda j: (j.num, j.folder.name))
+    label_variants(jobs)
+    return jobs
+
+
+def load_job(folder: Path, sweep: Path) -> Job:
+    cfg = OmegaConf.load(folder / CONFIG)
+    hydra = OmegaConf.load(folder / HYDRA) if (folder / HYDRA).is_file() else None
+    num = int(hydra.hydra.job.get("num") or 0) if hydra is not None else 0
+    overrides = list(hydra.hydra.overrides.task) if hydra is not None else []
+    results = load_json(folder / RESULTS) if (folder / RESULTS).is_file() else None
+    status, reason = job_status(folder, results)
+    return Job(folder, sweep, num, cfg, hydra, results, status, reason, overrides)
+
+
+def job_status(folder: Path, results: dict | None) -> tuple[str, str]:
+    if results is not None and (folder / STUDENT).is_file():
+        return OK, ""
+    if results is not None:
+        return FAILED, f"{RESULTS} exists but {STUDENT} is missing"
+    error = last_error(folder)
+    if error:
+        return FAILED, error
+    epochs = finished_epochs(folder)
+    state = f"; {STATE} is there" if (folder / STATE).is_file() else ""
+    return MISSING, (f"no {RESULTS} and no error in the log after {epochs} finished epoch(s){state}: "
+                     "the job was killed or is still running")
+
+
+def _logs(folder: Path) -> list[str]:
+    return [p.read_text(errors="replace") for p in sorted(folder.glob("*.log"))]
+
+
+def last_error(folder: Path) -> str:
+    """The last ERROR line of the job's log (train.py logs the exception that ended the run), if any."""
+    errors = [line.split("] - ", 1)[-1] for text in _logs(folder) for line in text.splitlines()
+              if "][ERROR]" in line]
+    return errors[-1] if errors else ""
+
+
+def finished_epochs(folder: Path) -> int:
+    return max((int(m) for text in _logs(folder) for m in re.findall(r"epoch\s+(\d+)/\d+", text)), default=0)
+
+
+def label_variants(jobs: list[Job]) -> None:
+    """Name each job's grid point by the overrides that differ between jobs (the seed and method aside).
+
+    A setting that is constant within each sweep folder but differs between them (several sweeps given)
+    names the sweep, so the label is the sweep folder's name instead of a list of its settings.
+    """
+    parsed = [dict(o.split("=", 1) for o in job.overrides if "=" in o) for job in jobs]
+    keys = sorted(k for k in {k for p in parsed for k in p} - {"seed", "method"} if not k.startswith("hydra."))
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    sweeps: dict[Path, list[dict]] = {}
+    for job, p in zip(jobs, parsed):
+        sweeps.setdefault(job.sweep, []).append(p)
+    between = [k for k in varying if not k.startswith("method.")
+               and all(len({p.get(k) for p in group}) == 1 for group in sweeps.values())]
+    for job, p in zip(jobs, parsed):
+        parts = [job.sweep.name] if between else []
+        parts += [f"{k.removeprefix('method.loss.')}={p[k]}" for k in varying if k not in between and k in p]
+        job.variant = " ".join(parts)

@@ -1,0 +1,61 @@
+"""Model size and cost, as the notebook compared them: parameters, layers, MACs/FLOPs, latency."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from kd.device import synchronize
+
+IMAGE = (3, 32, 32)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameters."""
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def layer_count(model: nn.Module) -> int:
+    """Convolution and linear layers: the weighted layers a network's depth is usually quoted in."""
+    return sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in model.modules())
+
+
+@torch.no_grad()
+def flops_per_image(model: nn.Module) -> int:
+    """FLOPs of one forward pass on one 32x32 image, by PyTorch's own counter (2 per multiply-accumulate)."""
+    model.eval()
+    device = next(model.parameters()).device
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *IMAGE, device=device))
+    return counter.get_total_flops()
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, batch_size: int, warmup: int, repeats: int) -> float:
+    """Median wall time of one fp32 forward pass of a batch, per image; CUDA is synchronised around each pass."""
+    if repeats < 1:
+        return float("nan")
+    model.eval()
+    device = next(model.parameters()).device
+    batch = torch.rand(batch_size, *IMAGE, device=device)
+    for _ in range(warmup):
+        model(batch)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        model(batch)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000 / batch_size
+
+
+def complexity(model: nn.Module, batch_size: int, warmup: int, repeats: int) -> dict[str, float]:
+    total, trainable = parameter_counts(model)
+    flops = flops_per_image(model)
+    return {"params": total, "trainable_params": trainable, "layers": layer_count(model), "macs": flops // 2,
+            "flops": flops, "latency_ms": latency_ms(model, batch_size, warmup, repeats)}

@@ -1,0 +1,110 @@
+"""Test-set logits of every teacher and student, rebuilt from each job's own config and saved weights.
+
+Each test split and each teacher is evaluated once (keyed by data source, and by checkpoint + architecture),
+however many jobs share it. Relative paths in a config are taken from the folder the sweep was launched in.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kd.checkpoints import load_weights
+from kd.data import build_splits
+from kd.device import resolve_precision
+from kd.evaluation import predict_logits
+from kd.report.collect import STUDENT, Job
+from kd.report.complexity import complexity
+from kd.teacher import tapped
+
+
+@dataclass
+class LatencySettings:
+    batch_size: int = 128
+    warmup: int = 5
+    repeats: int = 20
+
+
+@dataclass
+class Teacher:
+    key: str
+    arch: str
+    ckpt: Path
+    logits: torch.Tensor | None
+    error: str = ""
+
+
+@contextlib.contextmanager
+def working_directory(path: Path):
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _key(node: DictConfig) -> str:
+    return json.dumps(OmegaConf.to_container(node, resolve=True), sort_keys=True)
+
+
+def teacher_checkpoint(job: Job) -> Path:
+    """results.json has the absolute path; a job without results resolves the config's against its launch folder."""
+    if job.results is not None:
+        return Path(job.results["teacher"]["ckpt"])
+    return job.launch_dir / str(job.cfg.model.teacher.ckpt)
+
+
+class Evaluator:
+    def __init__(self, device: torch.device, latency: LatencySettings):
+        self.device, self.latency = device, latency
+        self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._teachers: dict[str, Teacher] = {}
+        self._complexity: dict[str, dict] = {}
+
+    def test_split(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+        data = job.cfg.data
+        key = _key(data.source)
+        if key not in self._splits:
+            with working_directory(job.launch_dir):
+                arrays = instantiate(data.source, _partial_=True)()
+            splits = build_splits(arrays, data.val_fraction, data.split_seed, data.num_classes, None, self.device)
+            self._splits[key] = (splits.test_x, splits.test_y)
+        return self._splits[key]
+
+    def _logits(self, job: Job, model_cfg: DictConfig, weights: Path) -> torch.Tensor:
+        model = instantiate(model_cfg.arch)
+        load_weights(model, weights)
+        net = tapped(model_cfg, model.to(self.device), [])
+        dtype = resolve_precision(job.cfg.trainer.precision, self.device)
+        return predict_logits(net, self.test_split(job)[0], job.cfg.trainer.eval_batch_size, dtype)
+
+    def teacher(self, job: Job) -> Teacher:
+        ckpt = teacher_checkpoint(job)
+        key = json.dumps([str(ckpt), _key(job.cfg.model.teacher.arch), _key(job.cfg.data.source)])
+        if key not in self._teachers:
+            teacher = Teacher(key, str(job.cfg.model.teacher.name), ckpt, None)
+            try:
+                teacher.logits = self._logits(job, job.cfg.model.teacher, ckpt)
+            except Exception as err:  # one unreadable teacher must not sink the whole report
+                teacher.error = f"teacher {ckpt}: {type(err).__name__}: {err}"
+            self._teachers[key] = teacher
+        return self._teachers[key]
+
+    def student(self, job: Job) -> torch.Tensor:
+        return self._logits(job, job.cfg.model.student, job.folder / STUDENT)
+
+    def complexity(self, model_cfg: DictConfig) -> dict:
+        """Size and cost of an architecture, measured once per architecture config."""
+        key = _key(model_cfg.arch)
+        if key not in self._complexity:
+            model = instantiate(model_cfg.arch).to(self.device)
+            self._complexity[key] = complexity(model, self.latency.batch_size, self.latency.warmup,
+                                               self.latency.repeats)
+        return self._complexity[key]

@@ -1,0 +1,53 @@
+"""The report's tables and plots as one W&B run in the sweep's group, next to the jobs (offline by default)."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from kd.report.collect import Job
+
+log = logging.getLogger(__name__)
+WANDB_LOGGER = "kd.loggers.WandbLogger"
+
+
+def sweep_group(job: Job) -> str:
+    """The group the jobs logged to: as kd.run names it (the sweep folder's last two parts), unless configured."""
+    if job.cfg.logger.get("group"):
+        return str(job.cfg.logger.group)
+    hydra = job.hydra.hydra if job.hydra is not None else None
+    if hydra is not None and hydra.mode == "MULTIRUN":
+        return "/".join(Path(hydra.sweep.dir).parts[-2:])
+    return "/".join(Path(hydra.runtime.output_dir if hydra is not None else job.folder).parts[-2:])
+
+
+def log_report(jobs: list[Job], tables: dict[str, pd.DataFrame], plots: dict[str, Path], folder: Path,
+               mode: str | None) -> str | None:
+    """Log to W&B when the jobs used the W&B logger. Mode None: $WANDB_MODE if set, else the jobs' own mode.
+    Returns the run's folder.
+
+    A W&B failure warns and leaves the written report as it is.
+    """
+    logger = jobs[0].cfg.logger
+    if mode is None and logger.get("_target_") != WANDB_LOGGER:
+        return None
+    mode = mode or os.environ.get("WANDB_MODE") or str(logger.get("mode") or "offline")
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        run = wandb.init(project=str(logger.get("project") or "kd-cifar10"), entity=logger.get("entity"),
+                         mode=mode, group=sweep_group(jobs[0]),
+                         name="report", job_type="report", dir=str(folder), reinit="finish_previous")
+        run.log({**{name: wandb.Table(dataframe=df.astype(object).where(df.notna(), None))
+                    for name, df in tables.items()},
+                 **{name.replace(":", "/"): wandb.Image(str(path)) for name, path in plots.items()}})
+        run.finish()
+        return str(getattr(run, "dir", "") or folder)
+    except Exception as err:  # the report on disk is what matters; W&B is a copy of it
+        warnings.warn(f"W&B logging of the report failed: {type(err).__name__}: {err}")
+        return None

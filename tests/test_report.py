@@ -1,0 +1,337 @@
+"""`python -m kd.report`: metrics against direct computations, FLOP counts against the notebook's figures,
+the tables' arithmetic, and the whole report on a tiny real sweep with a failed and a missing job."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run_train
+from kd.models import ResNet18, SmallNet, resnet20
+from kd.report.collect import NoRuns, collect
+from kd.report.complexity import complexity, latency_ms
+from kd.report.metrics import logit_metrics, reliability_bins
+from kd.report.tables import rank_table, seed_table, summary_table
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NAMED_COLUMNS = ["test_acc", "test_loss", "ece", "agreement", "kl", "cosine", "entropy", "params", "trainable_params",
+                 "layers", "macs", "flops", "latency_ms", "params_ratio", "macs_ratio", "latency_ratio",
+                 "train_time_sec", "train_acc", "val_acc", "best_epoch", "status", "reason", "seed", "method"]
+
+
+# ---------------------------------------------------------------- metrics against numpy
+
+def softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def direct_ece(probs, labels, bins=10):
+    conf, pred = probs.max(1), probs.argmax(1)
+    ece = 0.0
+    for i in range(bins):
+        inside = (conf > i / bins) & (conf <= (i + 1) / bins)
+        if inside.any():
+            ece += inside.mean() * abs((pred[inside] == labels[inside]).mean() - conf[inside].mean())
+    return ece
+
+
+@pytest.fixture
+def known_logits():
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(10, (2000,), generator=g)
+    teacher = torch.randn(2000, 10, generator=g) * 3 + 4 * torch.nn.functional.one_hot(labels, 10)
+    student = teacher * 0.5 + torch.randn(2000, 10, generator=g) * 2
+    return student, labels, teacher
+
+
+def test_metrics_equal_direct_numpy_computations(known_logits):
+    student, labels, teacher = known_logits
+    s, t, y = student.double().numpy(), teacher.double().numpy(), labels.numpy()
+    p, q = softmax(s), softmax(t)
+    expected = {
+        "test_acc": (p.argmax(1) == y).mean(),
+        "test_loss": -np.log(p[np.arange(len(y)), y]).mean(),
+        "ece": direct_ece(p, y),
+        "agreement": (p.argmax(1) == q.argmax(1)).mean(),
+        "kl": (q * (np.log(q) - np.log(p))).sum(1).mean(),
+        "cosine": ((s * t).sum(1) / np.linalg.norm(s, axis=1) / np.linalg.norm(t, axis=1)).mean(),
+        "entropy": -(p * np.log(p)).sum(1).mean(),
+    }
+    got = logit_metrics(student, labels, teacher)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-6), name
+    assert 0.05 < got["ece"] and 0.3 < got["agreement"] < 0.95 and got["kl"] > 0.1  # not a degenerate case
+
+
+def test_ece_of_a_hand_made_case():
+    # Two confident right answers (conf 0.9) and two hesitant wrong ones (conf 0.6): ECE = 0.5*0.1 + 0.5*0.6.
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])
+    labels = torch.tensor([0, 0, 1, 0])
+    got = logit_metrics(probs.log(), labels, probs.log())
+    assert got["ece"] == pytest.approx(0.35, abs=1e-6)
+    assert got["agreement"] == 1.0 and got["kl"] == pytest.approx(0.0, abs=1e-12)
+    assert got["cosine"] == pytest.approx(1.0)
+
+
+def test_reliability_bins_reproduce_the_ece(known_logits):
+    student, labels, teacher = known_logits
+    b = {k: np.array(v) for k, v in reliability_bins(student, labels).items()}
+    assert b["count"].sum() == len(labels)
+    used = b["count"] > 0
+    ece = (b["count"][used] / len(labels) * np.abs(b["correct"][used] - b["confidence"][used]) / b["count"][used]).sum()
+    assert ece == pytest.approx(logit_metrics(student, labels, teacher)["ece"], abs=1e-6)
+
+
+# ---------------------------------------------------------------- model comparison
+
+def test_flop_counter_gives_the_notebooks_figures():
+    small, big = complexity(SmallNet(), 4, 0, 0), complexity(ResNet18(), 4, 0, 0)
+    assert round(small["macs"] / 1e6, 2) == 29.20 and round(big["macs"] / 1e6, 2) == 555.42
+    assert small["flops"] == 2 * small["macs"] and big["flops"] == 2 * big["macs"]
+    assert (small["params"], small["layers"]) == (141_354, 6)  # 5 convolutions + 1 linear
+    assert (big["params"], big["layers"]) == (11_173_962, 21)  # 17 + 3 shortcut convolutions + 1 linear
+    assert math.isnan(small["latency_ms"])  # 0 repeats: not measured
+
+
+def test_trainable_parameters_exclude_frozen_ones():
+    model = resnet20().requires_grad_(False)
+    model.linear.requires_grad_(True)
+    c = complexity(model, 4, 0, 0)
+    assert c["trainable_params"] == 64 * 10 + 10 and c["params"] == 269_722
+
+
+def test_latency_is_a_positive_time_per_image():
+    ms = latency_ms(SmallNet(), batch_size=8, warmup=1, repeats=3)
+    assert 0 < ms < 1000
+
+
+# ---------------------------------------------------------------- table arithmetic
+
+def fake_summary():
+    rows = [{"role": "teacher", "label": "teacher", "method": "teacher", "status": "ok", "test_acc": 0.95}]
+    accs = {"ce": [0.80, 0.70, 0.75], "kd": [0.85, 0.74, 0.81], "at": [0.60, None, None]}
+    for method, values in accs.items():
+        for seed, acc in enumerate(values):
+            ok = acc is not None
+            rows.append({"role": "student", "method": method, "method_name": method.upper(), "label": method,
+                         "seed": seed, "arch": "smallnet", "data": "synthetic", "kd_epochs": 1,
+                         "status": "ok" if ok else "failed", "test_acc": acc, "test_loss": 1 - (acc or 0),
+                         "ece": {"ce": 0.1, "kd": 0.2, "at": 0.05}[method] if ok else None,
+                         "agreement": acc, "kl": 1 - (acc or 0), "cosine": acc, "entropy": 0.5})
+    return summary_table(rows)
+
+
+def test_seed_table_mean_std_and_paired_difference_to_ce():
+    seeds = seed_table(fake_summary()).set_index("method")
+    kd = seeds.loc["kd"]
+    diffs = np.array([0.05, 0.04, 0.06])
+    assert kd.test_acc_mean == pytest.approx(np.mean([0.85, 0.74, 0.81]))
+    assert kd.test_acc_std == pytest.approx(np.std([0.85, 0.74, 0.81], ddof=1))
+    assert kd.test_acc_minus_ce_mean == pytest.approx(diffs.mean())
+    assert kd.test_acc_minus_ce_se == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+    at = seeds.loc["at"]
+    assert (at.jobs, at.finished, at.failed_or_missing, at.pairs_with_ce) == (3, 1, 2, 1)
+    assert at.test_acc_minus_ce_mean == pytest.approx(-0.2) and math.isnan(at.test_acc_minus_ce_se)
+
+
+def test_rank_table_ranks_each_metric_in_its_direction():
+    ranks = rank_table(fake_summary()).set_index("method")
+    assert list(ranks.index) == ["kd", "ce", "at"]  # average ranks 9/7, 13/7, 17/7
+    assert ranks.loc["kd", "rank_test_acc"] == 1 and ranks.loc["at", "rank_test_acc"] == 3
+    assert ranks.loc["at", "rank_ece"] == 1 and ranks.loc["kd", "rank_ece"] == 3  # lower ECE is better
+    assert ranks.loc["at", "rank_kl"] == 3  # lower KL is better; at's only seed is the worst
+    assert ranks.average_rank.tolist() == pytest.approx([9 / 7, 13 / 7, 17 / 7])
+
+
+def test_a_method_with_no_finished_job_keeps_its_rank_row_at_the_bottom():
+    summary = fake_summary()
+    summary.loc[summary.method == "at", "status"] = "failed"
+    ranks = rank_table(summary)
+    assert list(ranks.method)[-1] == "at" and math.isnan(ranks.average_rank.iloc[-1])
+
+
+# ---------------------------------------------------------------- bad input
+
+def report_cli(*args, wandb_mode="disabled"):
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    if wandb_mode:
+        env["WANDB_MODE"] = wandb_mode
+    return subprocess.run([sys.executable, "-m", "kd.report", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_folder_without_runs_is_refused_by_name(tmp_path):
+    (tmp_path / "not_a_run").mkdir()
+    with pytest.raises(NoRuns, match=f"{tmp_path} holds no runs"):
+        collect([tmp_path])
+    proc = report_cli(tmp_path / "nowhere")
+    assert proc.returncode != 0 and "nowhere is not a folder" in proc.stderr
+
+
+def test_console_script_is_declared():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = scripts["kd-report"].split(":")
+    assert callable(getattr(importlib.import_module(module), function))
+
+
+def test_bad_latency_settings_are_refused(tmp_path):
+    proc = report_cli(tmp_path, "--latency-batch", "0")
+    assert proc.returncode != 0 and "--latency-batch=0 is invalid: it must be a whole number >= 1" in proc.stderr
+
+
+# ---------------------------------------------------------------- the report on a real tiny sweep
+
+SWEEP_ARGS = [*TINY, "data.source.num_train=200", "data.source.num_test=100", "kd_epochs=1", "model/teacher=resnet20"]
+METHODS = {"ce": "Cross-entropy baseline (no teacher)", "kd": "Vanilla KD (Hinton et al. 2015)",
+           "fitnet": "FitNet-style feature distillation"}
+
+
+@pytest.fixture(scope="session")
+def sweeps(tmp_path_factory, random_teacher_ckpts):
+    """Three methods x two seeds, plus a second sweep whose one job fails (temperature 0: non-finite loss)."""
+    root = tmp_path_factory.mktemp("report")
+    teacher = f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}"
+    good = run_train(["-m", "method=ce,kd,fitnet", "seed=0,1", *SWEEP_ARGS, teacher,
+                      f"hydra.sweep.dir={root / 'sweep'}"], cwd=root)
+    assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-3000:]
+    bad = run_train(["-m", "method=kd", "method.loss.temperature=0", *SWEEP_ARGS, teacher,
+                     f"hydra.sweep.dir={root / 'failing'}"], cwd=root)
+    assert bad.returncode != 0 and "non-finite" in bad.stderr
+    return root
+
+
+@pytest.fixture(scope="session")
+def report(sweeps):
+    proc = report_cli(sweeps / "sweep", sweeps / "failing", "--latency-repeats", "2", "--latency-batch", "16")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folder = sweeps / "sweep"
+    return {"folder": folder, "stdout": proc.stdout, "summary": pd.read_csv(folder / "summary.csv"),
+            "ranks": pd.read_csv(folder / "ranks.csv"), "seeds": pd.read_csv(folder / "seeds.csv"),
+            "markdown": (folder / "report.md").read_text()}
+
+
+def results_of(sweep):
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
+
+
+@pytest.mark.slow
+def test_summary_has_the_teacher_then_one_row_per_job_with_every_column(report, sweeps):
+    summary = report["summary"]
+    assert "report written to" in report["stdout"]
+    assert set(NAMED_COLUMNS) <= set(summary.columns)
+    assert list(summary.role) == ["teacher"] + ["student"] * 7
+    assert list(summary.job[1:]) == ["0_ce", "1_ce", "2_kd", "3_kd", "4_fitnet", "5_fitnet", "0_kd"]
+    assert summary.seed[1:].tolist() == [0, 1, 0, 1, 0, 1, 42]
+
+
+@pytest.mark.slow
+def test_the_failed_job_is_a_row_marked_failed(report, sweeps):
+    failed = report["summary"].iloc[-1]
+    assert "[ERROR]" in (sweeps / "failing" / "0_kd" / "train.log").read_text()  # train.py logs what ended the run
+    assert failed.status == "failed" and "NonFiniteLoss" in failed.reason and "non-finite" in failed.reason
+    assert failed.label == "kd [temperature=0]" and math.isnan(failed.test_acc)
+    assert report["seeds"].set_index("method").loc["kd [temperature=0]", "failed_or_missing"] == 1
+
+
+@pytest.mark.slow
+def test_accuracies_agree_with_what_the_runs_recorded(report, sweeps):
+    """The report rebuilds test split, teacher and students from the run folders: same numbers as training's."""
+    summary = report["summary"].set_index("job")
+    runs = results_of(sweeps / "sweep")
+    assert len(runs) == 6
+    for job, results in runs.items():
+        row = summary.loc[job]
+        assert row.status == "ok" and row.test_acc == pytest.approx(results["test_acc"], abs=1e-9), job
+        assert row.train_time_sec == pytest.approx(results["train_time_sec"])
+        assert row.best_epoch == results["best_epoch"] and row.val_acc == pytest.approx(results["val_acc"])
+    teacher = summary.loc["teacher resnet20"]
+    assert teacher.test_acc == pytest.approx(runs["0_ce"]["teacher"]["test_acc"], abs=1e-9)
+    assert teacher.agreement == 1 and teacher.kl == pytest.approx(0, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_model_comparison_columns(report):
+    summary = report["summary"]
+    teacher, student = summary.iloc[0], summary.iloc[1]
+    assert (teacher.params, teacher.macs, teacher.layers) == (269_722, 40_551_040, 20)
+    assert (student.params, student.macs, student.flops) == (141_354, 29_197_568, 2 * 29_197_568)
+    assert student.params_ratio == pytest.approx(269_722 / 141_354)
+    assert student.macs_ratio == pytest.approx(40_551_040 / 29_197_568)
+    assert student.latency_ms > 0 and student.latency_ratio == pytest.approx(teacher.latency_ms / student.latency_ms)
+
+
+@pytest.mark.slow
+def test_rank_and_seed_tables_cover_every_method(report):
+    ranks, seeds = report["ranks"], report["seeds"]
+    labels = ["ce", "kd", "fitnet", "kd [temperature=0]"]
+    assert sorted(ranks.method) == sorted(labels) and list(seeds.method) == labels
+    assert ranks.method.iloc[-1] == "kd [temperature=0]" and math.isnan(ranks.average_rank.iloc[-1])
+    summary = report["summary"].set_index("job")
+    kd_minus_ce = [summary.loc[f"{2 + s}_kd", "test_acc"] - summary.loc[f"{s}_ce", "test_acc"] for s in (0, 1)]
+    kd = seeds.set_index("method").loc["kd"]
+    assert kd.test_acc_minus_ce_mean == pytest.approx(np.mean(kd_minus_ce))
+    assert kd.test_acc_minus_ce_se == pytest.approx(np.std(kd_minus_ce, ddof=1) / np.sqrt(2))
+
+
+@pytest.mark.slow
+def test_plots_are_valid_non_empty_pngs(report):
+    plots = sorted((report["folder"] / "report_plots").glob("*.png"))
+    names = {p.stem for p in plots}
+    assert {"test_accuracy", "accuracy_vs_time", "validation_curves", "reliability"} <= names
+    assert {"curve_ce", "curve_kd", "curve_fitnet"} <= names
+    for path in plots:
+        data = path.read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 5_000, path
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert width > 300 and height > 200, path
+
+
+@pytest.mark.slow
+def test_markdown_has_one_section_per_method_headed_by_its_display_name(report):
+    md = report["markdown"]
+    headings = [line[3:] for line in md.splitlines() if line.startswith("## ")]
+    expected = [*METHODS.values(), "Vanilla KD (Hinton et al. 2015) (temperature=0)"]
+    assert headings[0] == "Teacher and students"
+    assert headings[1:5] == expected
+    assert md.index("## Teacher and students") < md.index(f"## {METHODS['ce']}") < md.index("## Ranks")
+    for name in METHODS:  # each section has its description, formula, hyperparameters and per-epoch curve
+        section = md.split(f"## {METHODS[name]}\n")[1].split("\n## ")[0]
+        assert "```\nL = " in section and "Hyperparameters:" in section
+        assert f"(report_plots/curve_{name}.png)" in section and "| epoch |" in section
+    assert "`temperature` = 4.0" in md and "`temperature` = 0" in md
+    for link in (line.split("](")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")):
+        assert (report["folder"] / link).is_file(), link
+
+
+@pytest.mark.slow
+def test_a_job_without_results_shows_as_missing(sweeps, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweeps / "sweep", copy, ignore=shutil.ignore_patterns("report_plots", "*.csv", "*.md"))
+    (copy / "3_kd" / "results.json").unlink()
+    jobs = collect([copy])
+    assert [j.status for j in jobs] == ["ok", "ok", "ok", "missing", "ok", "ok"]
+    assert "no results.json" in jobs[3].reason and "1 finished epoch" in jobs[3].reason
+
+
+@pytest.mark.slow
+def test_a_single_run_folder_and_wandb_offline(sweeps, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(sweeps / "sweep" / "2_kd", run)
+    proc = report_cli(run, "--latency-repeats", "1", "--latency-batch", "8", "--wandb", "offline",
+                      wandb_mode=None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = pd.read_csv(run / "summary.csv")
+    assert list(summary.role) == ["teacher", "student"] and summary.status.tolist() == ["ok", "ok"]
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb")), proc.stdout
