@@ -12,11 +12,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kd import teacher as teachers
+from kd import teacher_cache
 from kd.data import build_splits
 from kd.device import resolve_device, resolve_precision
 from kd.evaluation import accuracy
 from kd.io import load_json, save_json, save_torch
-from kd.trainer import Trainer
+from kd.trainer import Trainer, check_channels_last
 from kd.validation import validate
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ def train(cfg: DictConfig) -> dict:
     validate(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.trainer.precision, device)
+    channels_last = check_channels_last(cfg.trainer.channels_last)
+    teacher_cache.check_settings(cfg.teacher_cache)
 
     data = cfg.data
     load_source = instantiate(data.source, _partial_=True)  # called here so its DataError is not wrapped
@@ -74,11 +77,15 @@ def train(cfg: DictConfig) -> dict:
     student = teachers.tapped(cfg.model.student, instantiate(cfg.model.student.arch).to(device), taps)
     loss_fn = instantiate(cfg.method.loss, feature_shapes=probe_feature_shapes(student, teacher, device)).to(device)
 
+    cache = teacher_cache.from_config(cfg, splits, teachers.checkpoint_path(cfg.model.teacher), device, dtype,
+                                      channels_last) if loss_fn.needs_teacher else None
+
     logger = instantiate(cfg.logger)
     logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir, group, cfg.method.name)
     trainer = Trainer(student, loss_fn, teacher if loss_fn.needs_teacher else None, splits, cfg.optim,
                       cfg.trainer.epochs, cfg.seed, dtype, cfg.trainer.eval_batch_size, label=cfg.method.name,
-                      state_path=run_dir / STATE, on_epoch=logger.log_epoch, progress=cfg.trainer.progress_bar)
+                      state_path=run_dir / STATE, on_epoch=logger.log_epoch, progress=cfg.trainer.progress_bar,
+                      teacher_cache=cache, channels_last=channels_last, compile=cfg.trainer.compile)
     result = trainer.fit()
     teacher.close()
     student.close()
@@ -105,6 +112,7 @@ def train(cfg: DictConfig) -> dict:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "host": platform.node(),
         "precision": str(dtype).removeprefix("torch."),
+        "teacher_cache": cache.summary() if cache else teacher_cache.not_used(cfg.teacher_cache.enabled),
     }
     save_torch({"state_dict": student.model.state_dict(), "loss_state_dict": loss_fn.state_dict(),
                 "arch": cfg.model.student.name, "best_epoch": result.best_epoch}, run_dir / STUDENT)

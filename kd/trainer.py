@@ -1,8 +1,9 @@
 """The one training loop: epochs, precision, running metrics, best-epoch selection, resumable state.
 
 Method-agnostic: a method is its loss module. The teacher (if the loss needs one) runs once per batch under
-inference_mode; the loss always computes in fp32, also under bf16 autocast. Running metrics stay on the
-device, so the hot loop never waits for the host; they are read once per epoch.
+inference_mode, or its epoch's outputs come from the shared cache (`kd/teacher_cache.py`); the loss always
+computes in fp32, also under bf16 autocast. Running metrics stay on the device, so the hot loop never waits
+for the host; they are read once per epoch.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from kd.evaluation import accuracy
 from kd.io import save_torch
 from kd.losses.base import DistillationLoss
 from kd.taps import Outputs, TappedModel
+from kd.teacher_cache import EpochOutputs, TeacherCache, compute_epoch
+from kd.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,12 @@ class _State:
     train_time_sec: float = 0.0
 
 
+def check_channels_last(setting) -> bool:
+    if setting not in (True, False):
+        raise ConfigError(f"trainer.channels_last={setting!r} is invalid: use true or false")
+    return setting
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -72,7 +81,8 @@ class Trainer:
     def __init__(self, student: TappedModel, loss_fn: DistillationLoss, teacher: TappedModel | None,
                  splits: Splits, optim: DictConfig, epochs: int, seed: int, dtype: torch.dtype,
                  eval_batch_size: int, label: str, state_path: Path | None = None,
-                 on_epoch: Callable[[dict], None] | None = None, progress: bool = True):
+                 on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
+                 teacher_cache: TeacherCache | None = None, channels_last: bool = False, compile: bool = False):
         self.student, self.loss_fn, self.teacher, self.splits = student, loss_fn, teacher, splits
         self.epochs, self.dtype, self.eval_batch_size, self.label = epochs, dtype, eval_batch_size, label
         self.state_path, self.on_epoch, self.progress = state_path, on_epoch, progress
@@ -81,9 +91,15 @@ class Trainer:
         params = [p for p in [*student.parameters(), *loss_fn.parameters()] if p.requires_grad]
         self.optimizer = instantiate(optim.optimizer)(params)
         self.scheduler = instantiate(optim.scheduler)(self.optimizer)
+        self.teacher_cache = teacher_cache
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
+        for net in (student, teacher):
+            if net is not None and channels_last:
+                net.model.to(memory_format=torch.channels_last)
+            if net is not None and compile:
+                net.model.compile()  # in place: state_dict keys stay as they are
 
     # ------------------------------------------------------------------ state
     def _save_state(self, state: _State) -> None:
@@ -121,17 +137,25 @@ class Trainer:
             outputs = self.teacher(images)
         return outputs.detached_float()
 
+    def _cached_teacher_epoch(self, epoch: int) -> EpochOutputs | None:
+        """The epoch's teacher outputs from the shared cache (computed into it on a miss), or None without one."""
+        if self.teacher is None or self.teacher_cache is None:
+            return None
+        return self.teacher_cache.epoch(
+            epoch, lambda: compute_epoch(self.teacher, self.loader.epoch(epoch), self.device, self.dtype))
+
     def _train_epoch(self, epoch: int) -> dict:
         self.student.train()
         self.loss_fn.train()
         self.loss_fn.start_epoch(epoch, self.epochs)
+        cached = self._cached_teacher_epoch(epoch)
         zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
         loss_sum, correct, seen, terms_sum = zero(), zero(), 0, {}
         first_bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
         batches = tqdm(self.loader.epoch(epoch), total=len(self.loader), leave=False,
                        desc=f"{self.label} {epoch + 1}/{self.epochs}", disable=None if self.progress else True)
         for step, (images, labels) in enumerate(batches):
-            teacher = self._teacher_outputs(images)
+            teacher = self._teacher_outputs(images) if cached is None else cached.batch(step)
             with autocast(self.device, self.dtype):
                 student = self.student(images)
             with torch.autocast(self.device.type, enabled=False):

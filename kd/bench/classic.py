@@ -1,0 +1,73 @@
+"""The baseline, as the original notebook had it: PIL transforms in DataLoader workers, a teacher forward per
+batch, `.item()` per step. Built from the same uint8 images as the harness, so both see the same data."""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from kd.taps import Outputs, TappedModel
+
+
+class PILImages(Dataset):
+    """A torchvision-style dataset over uint8 NCHW images: (transformed PIL image, int label) per index."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.hwc = images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
+        self.labels = labels.cpu().tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.transform(Image.fromarray(self.hwc[index])), self.labels[index]
+
+
+def loader(images: torch.Tensor, labels: torch.Tensor, mean, std, batch_size: int, workers: int, train: bool,
+           seed: int, device: torch.device) -> DataLoader:
+    """RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize for training; the last two else."""
+    augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if train else []
+    transform = transforms.Compose([*augment, transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return DataLoader(PILImages(images, labels, transform), batch_size=batch_size, shuffle=train,
+                      num_workers=workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def plain(model_cfg, model: torch.nn.Module, taps: list[str]) -> TappedModel:
+    """The network with the method's taps (forward hooks, as the notebook had) but no in-model normalisation:
+    the DataLoader's Normalize does that."""
+    return TappedModel(model, [0.0] * 3, [1.0] * 3, {name: model_cfg.taps[name] for name in taps})
+
+
+def train_epoch(student: TappedModel, loss_fn, teacher: TappedModel | None, optimizer, batches,
+                device: torch.device) -> dict:
+    """One epoch of the notebook's loop: every step waits for the host (`.item()`), the teacher runs per batch."""
+    student.train()
+    loss_fn.train()
+    running_loss, correct, seen = 0.0, 0, 0
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        with torch.no_grad():
+            target = teacher(images) if teacher is not None else None
+        outputs: Outputs = student(images)
+        loss, _ = loss_fn(outputs, target, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.item() * len(labels)
+        correct += (outputs.logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    return {"loss": running_loss / seen, "train_acc": correct / seen}
+
+
+def accuracy(student: TappedModel, batches, device: torch.device) -> float:
+    student.eval()
+    correct, seen = 0, 0
+    with torch.no_grad():
+        for images, labels in batches:
+            images, labels = images.to(device), labels.to(device)
+            correct += (student(images).logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+    return correct / max(seen, 1)

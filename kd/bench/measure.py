@@ -1,0 +1,167 @@
+"""The three measurements, classic and harness side by side: input pipeline, one KD epoch, the method sweep.
+
+Every timed section starts and ends with a device synchronisation, so queued GPU work is counted where it
+was issued. Each run gets a fresh student seeded like `train.py` and a fresh teacher with the same weights,
+so no hook, memory format or compilation leaks from one measurement into the next.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from kd import teacher as teachers
+from kd.bench import classic
+from kd.checkpoints import load_weights
+from kd.data import DeviceLoader, Splits, build_splits
+from kd.device import resolve_device, synchronize
+from kd.run import probe_feature_shapes
+from kd.teacher_cache import TeacherCache, numerics, tensors_sha256
+from kd.trainer import Trainer, check_channels_last
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    """What every measurement shares: device, data (cut to the benchmark's size) and the teacher's weights."""
+
+    device: torch.device
+    splits: Splits
+    teacher_state: dict
+    teacher_source: str
+    images: int
+
+
+def timed(device: torch.device, fn: Callable):
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def setup(cfg: DictConfig) -> Setup:
+    device = resolve_device(cfg.device)
+    data = cfg.data
+    splits = build_splits(instantiate(data.source), data.val_fraction, data.split_seed, data.num_classes,
+                          cfg.bench.images, device)
+    splits.val_x, splits.val_y = splits.val_x[:cfg.bench.val_images], splits.val_y[:cfg.bench.val_images]
+    path = teachers.checkpoint_path(cfg.model.teacher)
+    torch.manual_seed(cfg.seed)
+    model = instantiate(cfg.model.teacher.arch)
+    if path.exists():
+        load_weights(model, path)
+        source = str(path)
+    else:  # the benchmark times the teacher, it does not need it trained
+        source = f"random weights (no checkpoint at {path})"
+    return Setup(device, splits, model.state_dict(), source, len(splits.train_y))
+
+
+def _networks(cfg: DictConfig, s: Setup, plain: bool):
+    """(student, loss, teacher or None) for cfg's method; plain: without in-model normalisation (classic)."""
+    taps = list(cfg.method.taps)
+    teacher_model = instantiate(cfg.model.teacher.arch)
+    teacher_model.load_state_dict(s.teacher_state)
+    teacher_model.to(s.device).eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    student_model = instantiate(cfg.model.student.arch).to(s.device)
+    wrap = classic.plain if plain else teachers.tapped
+    student, teacher = wrap(cfg.model.student, student_model, taps), wrap(cfg.model.teacher, teacher_model, taps)
+    loss = instantiate(cfg.method.loss, feature_shapes=probe_feature_shapes(student, teacher, s.device)).to(s.device)
+    return student, loss, teacher if loss.needs_teacher else None
+
+
+def pipeline(cfg: DictConfig, s: Setup) -> dict:
+    """Augmented, normalised training batches per second: PIL in DataLoader workers vs tensor ops on the device."""
+    norm = cfg.model.student.normalization
+    batch, x, y = cfg.optim.batch_size, s.splits.train_x, s.splits.train_y
+    batches = classic.loader(x, y, list(norm.mean), list(norm.std), batch, cfg.bench.workers, True, cfg.seed, s.device)
+    count, seconds = timed(s.device, lambda: _drain(batches, s.device))
+    result = {"classic": _rate(count, seconds, workers=cfg.bench.workers)}
+    loader = DeviceLoader(x, y, batch, cfg.seed)
+    mean = torch.tensor(list(norm.mean), device=s.device).view(1, -1, 1, 1)
+    std = torch.tensor(list(norm.std), device=s.device).view(1, -1, 1, 1)
+
+    def harness() -> int:
+        n = 0
+        for epoch in range(cfg.bench.pipeline_epochs):
+            for images, _ in loader.epoch(epoch):
+                images = (images - mean) / std  # the harness normalises inside the model; counted here
+                n += 1
+        return n
+    count, seconds = timed(s.device, harness)
+    result["harness"] = _rate(count, seconds)
+    return result
+
+
+def _drain(batches, device: torch.device) -> int:
+    n = 0
+    for images, _ in batches:
+        images.to(device, non_blocking=True)  # where the training loop would need them
+        n += 1
+    return n
+
+
+def _rate(batches: int, seconds: float, **extra) -> dict:
+    return {"batches": batches, "seconds": seconds, "batches_per_sec": batches / seconds, **extra}
+
+
+def classic_epoch(cfg: DictConfig, s: Setup) -> dict:
+    """The notebook's loop for one epoch, then its validation pass, fp32."""
+    student, loss, teacher = _networks(cfg, s, plain=True)
+    params = [p for p in [*student.parameters(), *loss.parameters()] if p.requires_grad]
+    optimizer = instantiate(cfg.optim.optimizer)(params)
+    norm, sp = cfg.model.student.normalization, s.splits
+    make = lambda x, y, bs, train: classic.loader(x, y, list(norm.mean), list(norm.std), bs, cfg.bench.workers,  # noqa: E731
+                                                  train, cfg.seed, s.device)
+    train = make(sp.train_x, sp.train_y, cfg.optim.batch_size, True)
+    val = make(sp.val_x, sp.val_y, cfg.trainer.eval_batch_size, False)
+
+    def run() -> dict:
+        record = classic.train_epoch(student, loss, teacher, optimizer, train, s.device)
+        return {**record, "val_acc": classic.accuracy(student, val, s.device)}
+    record, seconds = timed(s.device, run)
+    return {"seconds": seconds, "images_per_sec": s.images / seconds, "precision": "float32", **record}
+
+
+def harness_epoch(cfg: DictConfig, s: Setup, dtype: torch.dtype, cache_dir: str | None = None) -> dict:
+    """`Trainer.fit` for one epoch (training and its validation pass), optionally with the teacher cache."""
+    student, loss, teacher = _networks(cfg, s, plain=False)
+    channels_last = check_channels_last(cfg.trainer.channels_last)
+    cache = None
+    if cache_dir is not None and teacher is not None:
+        key = {"teacher": tensors_sha256(*s.teacher_state.values()), "data": tensors_sha256(s.splits.train_x),
+               "seed": cfg.seed, **numerics(s.device, dtype, channels_last, bool(cfg.trainer.compile))}
+        taps = {name: cfg.model.teacher.taps[name] for name in cfg.method.taps}
+        cache = TeacherCache(cache_dir, cfg.teacher_cache.max_gb, key, taps, cfg.optim.batch_size, s.device)
+    trainer = Trainer(student, loss, teacher, s.splits, cfg.optim, 1, cfg.seed, dtype, cfg.trainer.eval_batch_size,
+                      label=cfg.method.name, progress=False, teacher_cache=cache, channels_last=channels_last,
+                      compile=cfg.trainer.compile)
+    result, seconds = timed(s.device, trainer.fit)
+    record = result.history[0]
+    return {"seconds": seconds, "images_per_sec": s.images / seconds, "precision": str(dtype).removeprefix("torch."),
+            "loss": record["loss"], "train_acc": record["train_acc"], "val_acc": record["val_acc"],
+            "teacher_epochs_reused": cache.reused if cache else 0}
+
+
+def sweep(cfg_for: Callable[[str], DictConfig], methods: list[str], s: Setup, dtype: torch.dtype, say) -> dict:
+    """Each method for one epoch: the classic loop, the harness computing the teacher per batch, and the
+    harness with teacher reuse (a fresh cache folder, so the first method that needs the teacher computes)."""
+    rows = {"classic": {}, "harness_no_reuse": {}, "harness_reuse": {}}
+    with tempfile.TemporaryDirectory(prefix="kd-bench-cache-") as cache_dir:
+        for method in methods:
+            cfg = cfg_for(method)
+            rows["classic"][method] = classic_epoch(cfg, s)
+            rows["harness_no_reuse"][method] = harness_epoch(cfg, s, dtype)
+            rows["harness_reuse"][method] = harness_epoch(cfg, s, dtype, cache_dir)
+            say(f"sweep {method}: classic {rows['classic'][method]['seconds']:.1f}s, harness "
+                f"{rows['harness_no_reuse'][method]['seconds']:.1f}s, with reuse "
+                f"{rows['harness_reuse'][method]['seconds']:.1f}s")
+    return {name: {"seconds": sum(r["seconds"] for r in per.values()), "methods": per} for name, per in rows.items()}

@@ -1,0 +1,54 @@
+"""The benchmark's ratios and its printed table."""
+from __future__ import annotations
+
+
+def ratios(report: dict) -> dict:
+    """Speed-ups over the classic baseline (higher is better); None where a variant was not measured."""
+    pipe, epoch, sweep = report["pipeline"], report["kd_epoch"], report["sweep"]
+    over = lambda a, b: a / b if a and b else None  # noqa: E731
+    bf16 = epoch.get("harness_bf16", {}).get("seconds")
+    return {
+        "pipeline": over(pipe["harness"]["batches_per_sec"], pipe["classic"]["batches_per_sec"]),
+        "kd_epoch_fp32": over(epoch["classic"]["seconds"], epoch["harness_fp32"]["seconds"]),
+        "kd_epoch_bf16": over(epoch["classic"]["seconds"], bf16),
+        "sweep": over(sweep["classic"]["seconds"], sweep["harness_reuse"]["seconds"]),
+        "sweep_without_reuse": over(sweep["classic"]["seconds"], sweep["harness_no_reuse"]["seconds"]),
+        "reuse_over_no_reuse": over(sweep["harness_no_reuse"]["seconds"], sweep["harness_reuse"]["seconds"]),
+    }
+
+
+def _row(what: str, seconds: float | None, rate: str, ratio: float | None, target: float | None) -> str:
+    sec = f"{seconds:9.2f}" if seconds is not None else f"{'-':>9}"
+    x = f"{ratio:7.2f}x" if ratio is not None else f"{'':>8}"
+    goal = f">= {target:g}x" if target is not None else ""
+    return f"{what:<44} {sec}  {rate:>18}  {x}  {goal}"
+
+
+def table(report: dict) -> str:
+    env, s, r, t = report["environment"], report["settings"], report["ratios"], report["targets"]
+    pipe, epoch, sweep = report["pipeline"], report["kd_epoch"], report["sweep"]
+    lines = [f"kd.bench on {env['device']} ({env['threads']} threads, load {env['load_before']:.1f} before / "
+             f"{env['load_after']:.1f} after), torch {env['torch']}",
+             f"{s['images']} training images, batch {s['batch_size']}, teacher {s['teacher']} ({s['teacher_weights']}), "
+             f"student {s['student']}, data {s['data']}",
+             "", f"{'':<44} {'seconds':>9}  {'rate':>18}  {'speed-up':>8}  target",
+             _row(f"input pipeline: classic, {pipe['classic']['workers']} workers", pipe["classic"]["seconds"],
+                  f"{pipe['classic']['batches_per_sec']:.1f} batches/s", None, None),
+             _row("input pipeline: harness (device-resident)", pipe["harness"]["seconds"],
+                  f"{pipe['harness']['batches_per_sec']:.1f} batches/s", r["pipeline"], t["pipeline"])]
+    for name, label, target in (("classic", "classic loop, fp32", None),
+                                ("harness_fp32", "harness, fp32", t["kd_epoch_fp32"]),
+                                ("harness_bf16", "harness, bf16", t["kd_epoch_bf16"])):
+        row = epoch.get(name)
+        if row is None:
+            lines.append(f"{'KD epoch: ' + label:<44} not measured: {epoch.get('bf16_skipped', '')}")
+            continue
+        ratio = r["kd_epoch_fp32" if name == "harness_fp32" else "kd_epoch_bf16"] if target else None
+        lines.append(_row(f"KD epoch: {label}", row["seconds"], f"{row['images_per_sec']:.0f} images/s", ratio, target))
+    n = len(s["methods"])
+    for name, label, ratio, target in (("classic", "classic loops", None, None),
+                                       ("harness_no_reuse", "harness, teacher per batch", r["sweep_without_reuse"], None),
+                                       ("harness_reuse", "harness, teacher reused", r["sweep"], t["sweep"])):
+        lines.append(_row(f"{n}-method sweep: {label}", sweep[name]["seconds"],
+                          f"{n * s['images'] / sweep[name]['seconds']:.0f} images/s", ratio, target))
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""`python -m kd.bench`, run tiny for its shape only (never for its numbers), and the hot loop's speed flags."""
+import json
+import math
+import shlex
+
+import pytest
+import torch
+
+from conftest import TINY, compose_config, run_train
+from kd.bench.__main__ import main
+from kd.run import train
+
+TINY_BENCH = ["data=synthetic", "data.source.num_train=300", "data.source.num_test=100", "bench.images=128",
+              "bench.val_images=32", "bench.workers=0", "bench.pipeline_epochs=1", "model/teacher=smallnet",
+              "bench.methods=[ce,at,kd]", "device=cpu", "bench.out=bench.json"]
+
+
+def test_tiny_benchmark_prints_its_table_and_command_and_writes_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(TINY_BENCH)
+    printed = capsys.readouterr().out
+    for row in ("input pipeline: classic, 0 workers", "input pipeline: harness", "KD epoch: classic loop, fp32",
+                "KD epoch: harness, fp32", "KD epoch: harness, bf16", "3-method sweep: classic loops",
+                "3-method sweep: harness, teacher per batch", "3-method sweep: harness, teacher reused"):
+        assert row in printed, printed
+    assert f"command: python -m kd.bench {shlex.join(TINY_BENCH)}" in printed
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report) >= {"command", "environment", "settings", "pipeline", "kd_epoch", "sweep", "ratios"}
+    assert report["settings"]["images"] == 128 and report["pipeline"]["classic"]["batches"] == 2
+    assert report["pipeline"]["harness"]["batches"] == 2
+    assert all(v is None or v > 0 for v in report["ratios"].values())
+    assert set(report["sweep"]["classic"]["methods"]) == {"ce", "at", "kd"}
+    # ce needs no teacher; at computes the epoch's logits and features; kd reads the logits
+    reuse = report["sweep"]["harness_reuse"]["methods"]
+    assert [reuse[m]["teacher_epochs_reused"] for m in ("ce", "at", "kd")] == [0, 0, 1]
+
+
+def test_help_shows_the_settings(capsys):
+    assert main(["--help"]) == {}
+    printed = capsys.readouterr().out
+    assert "python -m kd.bench bench.images=2000" in printed and "pipeline_epochs:" in printed
+
+
+# ---------------------------------------------------------------- hot-loop flags (trainer.*)
+
+def test_channels_last_is_on_by_default_and_can_be_turned_off(random_teacher_ckpts, tmp_path, monkeypatch):
+    def conv_weights_nhwc(setting):
+        (tmp_path / str(setting)).mkdir()
+        monkeypatch.chdir(tmp_path / str(setting))
+        cfg = compose_config([*TINY, "method=ce", "kd_epochs=1", "model/teacher=resnet20", "data.source.num_train=150",
+                              f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}",
+                              *([f"trainer.channels_last={setting}"] if setting is not None else [])])
+        assert math.isfinite(train(cfg)["history"][0]["loss"])
+        weights = torch.load("student.pt", weights_only=True)["state_dict"]
+        convs = [w for w in weights.values() if w.dim() == 4 and w.shape[2] > 1]
+        return {w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs}
+    assert conv_weights_nhwc(None) == {True}
+    assert conv_weights_nhwc("false") == {False}
+
+
+@pytest.mark.slow
+def test_compile_flag_runs_on_cpu(random_teacher_ckpts, tmp_path):
+    proc = run_train([*TINY, "method=kd", "kd_epochs=1", "model/teacher=smallnet", "data.source.num_train=150",
+                      f"model.teacher.ckpt={tmp_path / 'teacher.pt'}", "teacher_training.epochs=1",
+                      "trainer.compile=true", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(results["history"]) == 1 and results["teacher_cache"]["epochs_computed"] == 1
