@@ -1,11 +1,16 @@
 """Atomic file writes: a reader (or a job killed mid-write) never sees a half-written file."""
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -37,3 +42,18 @@ def save_text(text: str, path: Path) -> None:
 
 def load_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | Path, waiting_message: str):
+    """Hold a file lock shared with other processes; say `waiting_message` when another one holds it first."""
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s", waiting_message)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

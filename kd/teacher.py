@@ -9,13 +9,12 @@ import logging
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig
 
 from kd.checkpoints import load_weights
 from kd.data import Splits
-from kd.io import save_json, save_torch
+from kd.io import exclusive, save_json, save_torch
 from kd.losses.ce import CrossEntropy
 from kd.taps import TappedModel
 from kd.trainer import Trainer
@@ -42,17 +41,9 @@ def load_or_train(cfg: DictConfig, splits: Splits, device: torch.device, dtype: 
     model = instantiate(teacher_cfg.arch)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path) + ".lock")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.info("another job is training the teacher %s; waiting for it", path)
-            lock.acquire()
-        try:
+        with exclusive(str(path) + ".lock", f"another job is training the teacher {path}; waiting for it"):
             if not path.exists():
                 _train(cfg, model, path, splits, device, dtype)
-        finally:
-            lock.release()
     load_weights(model, path)
     log.info("teacher %s loaded from %s", teacher_cfg.name, path)
     return model.to(device).eval().requires_grad_(False)

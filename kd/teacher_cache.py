@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from filelock import FileLock, Timeout
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from kd.data import Splits
 from kd.device import autocast
-from kd.io import save_json, save_torch
+from kd.io import exclusive, save_json, save_torch
 from kd.taps import Outputs, TappedModel
 from kd.validation import ConfigError
 
@@ -121,22 +120,15 @@ class TeacherCache:
         tensors = self._load(paths)
         if tensors is None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(str(self.dir / f"epoch-{epoch:04d}.lock"))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                log.info("another job is computing the teacher's outputs for epoch %d in %s; waiting for it",
-                         epoch + 1, self.dir)
-                lock.acquire()
-            try:
+            waiting = (f"another job is computing the teacher's outputs for epoch {epoch + 1} in {self.dir}; "
+                       "waiting for it")
+            with exclusive(self.dir / f"epoch-{epoch:04d}.lock", waiting):
                 tensors = self._load(paths)
                 if tensors is None:
                     tensors = compute()
                     self._store(paths, tensors)
                     self.computed += 1
                     log.info("teacher outputs for epoch %d computed into %s", epoch + 1, self.dir)
-            finally:
-                lock.release()
         return EpochOutputs(tensors, self.taps, self.batch_size, bool(self.key.get("channels_last")))
 
     def _load(self, paths: dict[str, Path]) -> dict[str, torch.Tensor] | None:
@@ -212,8 +204,7 @@ def check_settings(settings: DictConfig) -> None:
 def from_config(cfg: DictConfig, splits: Splits, teacher_ckpt: Path, device: torch.device, dtype: torch.dtype,
                 channels_last: bool) -> TeacherCache | None:
     """The run's cache, or None when `teacher_cache.enabled` is false."""
-    settings = cfg.teacher_cache
-    check_settings(settings)
+    settings = cfg.teacher_cache  # checked by check_settings before any work started
     if not settings.enabled:
         return None
     teacher = cfg.model.teacher
