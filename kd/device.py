@@ -1,13 +1,31 @@
-"""Device and precision choices, checked before any work starts."""
+"""Device, precision and acceleration choices, checked before any work starts."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 
 from kd.validation import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """How the networks execute (`trainer.*` switches): speed only, results change at most by float rounding."""
+
+    channels_last: bool = False           # NHWC weights and activations
+    compile: bool = False                 # torch.compile student and teacher
+    fold_teacher_batchnorm: bool = False  # the frozen teacher's BatchNorms folded into its convolutions
+
+    @classmethod
+    def from_config(cls, trainer: DictConfig) -> "Acceleration":
+        for name in ("channels_last", "compile", "fold_teacher_batchnorm"):
+            if not isinstance(trainer[name], bool):
+                raise ConfigError(f"trainer.{name}={trainer[name]!r} is invalid: use true or false")
+        return cls(trainer.channels_last, trainer.compile, trainer.fold_teacher_batchnorm)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -14,10 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from kd import teacher as teachers
 from kd import teacher_cache
 from kd.data import build_splits
-from kd.device import resolve_device, resolve_precision
+from kd.device import Acceleration, resolve_device, resolve_precision
 from kd.evaluation import accuracy
 from kd.io import load_json, save_json, save_torch
-from kd.trainer import Trainer, check_channels_last
+from kd.trainer import Trainer
 from kd.validation import validate
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def train(cfg: DictConfig) -> dict:
     validate(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.trainer.precision, device)
-    channels_last = check_channels_last(cfg.trainer.channels_last)
+    acceleration = Acceleration.from_config(cfg.trainer)
     teacher_cache.check_settings(cfg.teacher_cache)
 
     data = cfg.data
@@ -78,14 +78,14 @@ def train(cfg: DictConfig) -> dict:
     loss_fn = instantiate(cfg.method.loss, feature_shapes=probe_feature_shapes(student, teacher, device)).to(device)
 
     cache = teacher_cache.from_config(cfg, splits, teachers.checkpoint_path(cfg.model.teacher), device, dtype,
-                                      channels_last) if loss_fn.needs_teacher else None
+                                      acceleration) if loss_fn.needs_teacher else None
 
     logger = instantiate(cfg.logger)
     logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir, group, cfg.method.name)
     trainer = Trainer(student, loss_fn, teacher if loss_fn.needs_teacher else None, splits, cfg.optim,
                       cfg.trainer.epochs, cfg.seed, dtype, cfg.trainer.eval_batch_size, label=cfg.method.name,
                       state_path=run_dir / STATE, on_epoch=logger.log_epoch, progress=cfg.trainer.progress_bar,
-                      teacher_cache=cache, channels_last=channels_last, compile=cfg.trainer.compile)
+                      teacher_cache=cache, acceleration=acceleration)
     result = trainer.fit()
     teacher.close()
     student.close()

@@ -36,6 +36,7 @@ class TappedModel(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self._captured: dict[str, torch.Tensor] = {}
         self._handles = []
+        self.tap_paths = dict(taps or {})
         modules = dict(model.named_modules())
         for name, path in (taps or {}).items():
             if path not in modules:

@@ -2,7 +2,7 @@
 
 Augmentation is drawn from (seed, epoch) and the teacher is frozen in eval mode, so its outputs for an epoch
 depend only on its weights, the training images, the seed, the batch size, the epoch, and on the numerics
-that computed them (device, precision, channels_last, compile, torch version). Those make the key; every
+that computed them (device, precision, the `trainer.*` acceleration switches, torch version). Those make the key; every
 method of a sweep that shares them reads the entry instead of running the teacher again, whether the jobs
 run one after another or side by side on machines that share the cache folder.
 
@@ -18,6 +18,7 @@ the lock and then reads what the first wrote. Files beyond `max_gb` are deleted 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from kd.data import Splits
-from kd.device import autocast
+from kd.device import Acceleration, autocast
 from kd.io import exclusive, save_json, save_torch
 from kd.taps import Outputs, TappedModel
 from kd.validation import ConfigError
@@ -58,11 +59,11 @@ def tensors_sha256(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def numerics(device: torch.device, dtype: torch.dtype, channels_last: bool, compiled: bool) -> dict:
+def numerics(device: torch.device, dtype: torch.dtype, acceleration: Acceleration) -> dict:
     """What else decides the teacher's bits: entries made elsewhere are not reused, so reuse never changes a result."""
     kind = f"cpu-{torch.backends.cpu.get_cpu_capability()}" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    return {"device": kind, "precision": str(dtype).removeprefix("torch."), "channels_last": channels_last,
-            "compile": compiled, "torch": torch.__version__}
+    return {"device": kind, "precision": str(dtype).removeprefix("torch."), **dataclasses.asdict(acceleration),
+            "torch": torch.__version__}
 
 
 class EpochOutputs:
@@ -202,7 +203,7 @@ def check_settings(settings: DictConfig) -> None:
 
 
 def from_config(cfg: DictConfig, splits: Splits, teacher_ckpt: Path, device: torch.device, dtype: torch.dtype,
-                channels_last: bool) -> TeacherCache | None:
+                acceleration: Acceleration) -> TeacherCache | None:
     """The run's cache, or None when `teacher_cache.enabled` is false."""
     settings = cfg.teacher_cache  # checked by check_settings before any work started
     if not settings.enabled:
@@ -211,7 +212,7 @@ def from_config(cfg: DictConfig, splits: Splits, teacher_ckpt: Path, device: tor
     key = {"teacher": {"arch": teacher.name, "sha256": file_sha256(teacher_ckpt),
                        "normalization": [list(teacher.normalization.mean), list(teacher.normalization.std)]},
            "data": {"name": cfg.data.name, "train_sha256": tensors_sha256(splits.train_x, splits.train_y)},
-           "seed": cfg.seed, **numerics(device, dtype, channels_last, bool(cfg.trainer.compile))}
+           "seed": cfg.seed, **numerics(device, dtype, acceleration)}
     taps = {name: teacher.taps[name] for name in cfg.method.taps}
     return TeacherCache(to_absolute_path(settings.dir), settings.max_gb, key, taps, cfg.optim.batch_size, device)
 

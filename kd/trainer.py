@@ -21,8 +21,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from kd.batchnorm_folding import fold_batchnorm
 from kd.data import DeviceLoader, Splits
-from kd.device import autocast, synchronize
+from kd.device import Acceleration, autocast, synchronize
 from kd.evaluation import accuracy
 from kd.io import save_torch
 from kd.losses.base import DistillationLoss
@@ -56,12 +57,6 @@ class _State:
     train_time_sec: float = 0.0
 
 
-def check_channels_last(setting) -> bool:
-    if setting not in (True, False):
-        raise ConfigError(f"trainer.channels_last={setting!r} is invalid: use true or false")
-    return setting
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -82,7 +77,7 @@ class Trainer:
                  splits: Splits, optim: DictConfig, epochs: int, seed: int, dtype: torch.dtype,
                  eval_batch_size: int, label: str, state_path: Path | None = None,
                  on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
-                 teacher_cache: TeacherCache | None = None, channels_last: bool = False, compile: bool = False):
+                 teacher_cache: TeacherCache | None = None, acceleration: Acceleration = Acceleration()):
         self.student, self.loss_fn, self.teacher, self.splits = student, loss_fn, teacher, splits
         self.epochs, self.dtype, self.eval_batch_size, self.label = epochs, dtype, eval_batch_size, label
         self.state_path, self.on_epoch, self.progress = state_path, on_epoch, progress
@@ -95,10 +90,13 @@ class Trainer:
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
+            if acceleration.fold_teacher_batchnorm:
+                folded = fold_batchnorm(teacher.model, keep=teacher.tap_paths.values())
+                log.debug("teacher: %d BatchNorms folded into their convolutions", folded)
         for net in (student, teacher):
-            if net is not None and channels_last:
+            if net is not None and acceleration.channels_last:
                 net.model.to(memory_format=torch.channels_last)
-            if net is not None and compile:
+            if net is not None and acceleration.compile:
                 net.model.compile()  # in place: state_dict keys stay as they are
 
     # ------------------------------------------------------------------ state

@@ -1,6 +1,6 @@
 import torch
 
-from kd.data import DeviceLoader, build_splits, crop_flip, synthetic
+from kd.data import DeviceLoader, RandomCrops, build_splits, synthetic
 
 
 def test_split_is_deterministic_disjoint_and_sized():
@@ -46,19 +46,38 @@ def test_loader_keeps_the_last_partial_batch_and_every_image_once():
     assert all(0 <= b[0].min() and b[0].max() <= 1 and b[0].dtype == torch.float32 for b in batches)
 
 
-def test_crop_flip_matches_a_direct_crop():
-    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    dx, dy = torch.tensor([0, 8, 3]), torch.tensor([0, 5, 8])
-    flip = torch.tensor([False, True, True])
-    out = crop_flip(images, dx, dy, flip)
-    for i in range(3):
+def test_random_crops_match_a_direct_crop_and_flip():
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    index = torch.tensor([4, 0, 2, 2, 1])
+    dx, dy = torch.tensor([0, 8, 3, 0, 8]), torch.tensor([0, 5, 8, 1, 8])
+    flip = torch.tensor([False, True, True, False, True])
+    out = RandomCrops(images)(index, dx, dy, flip)
+    assert out.shape == (5, 3, 32, 32) and out.dtype == torch.uint8
+    for i, k in enumerate(index.tolist()):
         padded = torch.zeros(3, 40, 40, dtype=torch.uint8)
-        padded[:, 4:36, 4:36] = images[i]
+        padded[:, 4:36, 4:36] = images[k]
         expected = padded[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
         if flip[i]:
             expected = expected.flip(-1)
         assert torch.equal(out[i], expected)
-    assert torch.equal(out[0], torch.nn.functional.pad(images[0], (4, 4, 4, 4))[:, :32, :32])
+    assert torch.equal(out[0], torch.nn.functional.pad(images[4], (4, 4, 4, 4))[:, :32, :32])
+
+
+def test_loader_batches_are_the_epochs_crops_in_its_order():
+    x, y, _, _ = synthetic(num_train=100, num_test=1)
+    loader = DeviceLoader(x, y, 32, seed=5)
+    generator = torch.Generator().manual_seed(5 * 100_003 + 2)  # the loader's documented (seed, epoch) seeding
+    order = torch.randperm(100, generator=generator)
+    dx, dy = torch.randint(0, 9, (2, 100), generator=generator)
+    flip = torch.rand(100, generator=generator) < 0.5
+    images, labels = map(torch.cat, zip(*loader.epoch(2)))
+    for position in (0, 31, 32, 99):
+        k = order[position]
+        crop = torch.nn.functional.pad(x[k], (4, 4, 4, 4))[:, dy[position]:dy[position] + 32,
+                                                           dx[position]:dx[position] + 32]
+        crop = crop.flip(-1) if flip[position] else crop
+        assert labels[position] == y[k]
+        assert torch.equal(images[position], crop.float() / 255)
 
 
 def test_imagefolder_decodes_every_image_with_sorted_class_indices(tmp_path):

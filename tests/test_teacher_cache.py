@@ -197,6 +197,7 @@ def test_an_unreadable_file_is_computed_again(tmp_path, caplog):
     ("teacher_cache.max_gb=0", "teacher_cache.max_gb=0 is invalid: it must be a number of GB > 0"),
     ("teacher_cache.enabled=maybe", "teacher_cache.enabled='maybe' is invalid: use true or false"),
     ("trainer.channels_last=sometimes", "trainer.channels_last='sometimes' is invalid: use true or false"),
+    ("trainer.fold_teacher_batchnorm=1", "trainer.fold_teacher_batchnorm=1 is invalid: use true or false"),
 ])
 def test_bad_settings_name_the_value(override, message, random_teacher_ckpts, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=message):

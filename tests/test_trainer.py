@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from conftest import TINY, compose_config
 from kd import teacher as teachers
 from kd.data import build_splits
+from kd.device import Acceleration
 from kd.run import probe_feature_shapes, train
 from kd.trainer import NonFiniteLoss, Trainer
 
@@ -35,6 +36,21 @@ def test_teacher_stays_frozen_while_student_and_loss_parts_learn(random_teacher_
     assert all(p.grad is None for p in teacher.parameters()) and not teacher.training
     assert any(not torch.equal(v, student.model.state_dict()[k]) for k, v in student_before.items())
     assert not torch.equal(loss_before["projector.0.weight"], loss.state_dict()["projector.0.weight"])
+
+
+def test_folding_the_teachers_batchnorm_changes_results_only_by_rounding(random_teacher_ckpts):
+    histories = {}
+    for fold in (False, True):
+        cfg, splits, teacher, student, loss = _parts("fitnet", random_teacher_ckpts["resnet20"], ["kd_epochs=1"])
+        for m in teacher.modules():  # statistics far from the identity, so a wrong fold would show
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2, generator=torch.Generator().manual_seed(m.num_features))
+        trainer = Trainer(student, loss, teacher, splits, cfg.optim, 1, 0, torch.float32, 500, "fitnet",
+                          progress=False, acceleration=Acceleration(fold_teacher_batchnorm=fold))
+        histories[fold] = trainer.fit().history[0]
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules()) is not fold
+    assert histories[True]["loss"] == pytest.approx(histories[False]["loss"], rel=1e-4)
+    assert histories[True]["terms"]["hint"] == pytest.approx(histories[False]["terms"]["hint"], rel=1e-4)
 
 
 def test_student_learns_on_synthetic_data(random_teacher_ckpts, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ Settings: conf/bench/default.yaml (bench.*); any key of the run's config can be 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shlex
@@ -20,7 +21,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from kd.bench import measure, report
-from kd.device import resolve_precision
+from kd.device import Acceleration, resolve_precision
 from kd.io import save_json
 from kd.validation import ConfigError
 
@@ -70,7 +71,7 @@ def run(argv: list[str]) -> dict:
            "settings": {"images": s.images, "val_images": len(s.splits.val_y), "batch_size": cfg.optim.batch_size,
                         "workers": cfg.bench.workers, "teacher": cfg.model.teacher.name, "teacher_weights": s.teacher_source,
                         "student": cfg.model.student.name, "data": cfg.data.name, "methods": list(cfg.bench.methods),
-                        "channels_last": cfg.trainer.channels_last, "compile": cfg.trainer.compile},
+                        "acceleration": dataclasses.asdict(Acceleration.from_config(cfg.trainer))},
            "targets": OmegaConf.to_container(cfg.bench.targets)}
     say(f"input pipeline, {s.images} images")
     out["pipeline"] = measure.pipeline(cfg, s)

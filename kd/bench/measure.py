@@ -20,10 +20,10 @@ from kd import teacher as teachers
 from kd.bench import classic
 from kd.checkpoints import load_weights
 from kd.data import DeviceLoader, Splits, build_splits
-from kd.device import resolve_device, synchronize
+from kd.device import Acceleration, resolve_device, synchronize
 from kd.run import probe_feature_shapes
 from kd.teacher_cache import TeacherCache, numerics, tensors_sha256
-from kd.trainer import Trainer, check_channels_last
+from kd.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +134,16 @@ def classic_epoch(cfg: DictConfig, s: Setup) -> dict:
 def harness_epoch(cfg: DictConfig, s: Setup, dtype: torch.dtype, cache_dir: str | None = None) -> dict:
     """`Trainer.fit` for one epoch (training and its validation pass), optionally with the teacher cache."""
     student, loss, teacher = _networks(cfg, s, plain=False)
-    channels_last = check_channels_last(cfg.trainer.channels_last)
+    acceleration = Acceleration.from_config(cfg.trainer)
     cache = None
     if cache_dir is not None and teacher is not None:
         key = {"teacher": tensors_sha256(*s.teacher_state.values()), "data": tensors_sha256(s.splits.train_x),
-               "seed": cfg.seed, **numerics(s.device, dtype, channels_last, bool(cfg.trainer.compile))}
+               "seed": cfg.seed, **numerics(s.device, dtype, acceleration)}
         taps = {name: cfg.model.teacher.taps[name] for name in cfg.method.taps}
         cache = TeacherCache(cache_dir, cfg.teacher_cache.max_gb, key, taps, cfg.optim.batch_size, s.device)
     trainer = Trainer(student, loss, teacher, s.splits, cfg.optim, 1, cfg.seed, dtype, cfg.trainer.eval_batch_size,
-                      label=cfg.method.name, progress=False, teacher_cache=cache, channels_last=channels_last,
-                      compile=cfg.trainer.compile)
+                      label=cfg.method.name, progress=False, teacher_cache=cache,
+                      acceleration=acceleration)
     result, seconds = timed(s.device, trainer.fit)
     record = result.history[0]
     return {"seconds": seconds, "images_per_sec": s.images / seconds, "precision": str(dtype).removeprefix("torch."),
