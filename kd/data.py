@@ -162,8 +162,7 @@ class DeviceLoader:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, pad: int = 4):
-        self.crops, self.labels = RandomCrops(images, pad), labels
-        self.batch_size, self.seed, self.pad = batch_size, seed, pad
+        self.crops, self.labels, self.batch_size, self.seed = RandomCrops(images, pad), labels, batch_size, seed
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
@@ -172,7 +171,7 @@ class DeviceLoader:
         n, device = len(self.labels), self.labels.device
         generator = torch.Generator(device=device).manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(n, generator=generator, device=device)
-        dx, dy = torch.randint(0, 2 * self.pad + 1, (2, n), generator=generator, device=device)
+        dx, dy = torch.randint(0, 2 * self.crops.pad + 1, (2, n), generator=generator, device=device)
         flip = torch.rand(n, generator=generator, device=device) < 0.5
         for start in range(0, n, self.batch_size):
             batch = slice(start, start + self.batch_size)

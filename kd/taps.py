@@ -38,7 +38,7 @@ class TappedModel(nn.Module):
         self._handles = []
         self.tap_paths = dict(taps or {})
         modules = dict(model.named_modules())
-        for name, path in (taps or {}).items():
+        for name, path in self.tap_paths.items():
             if path not in modules:
                 choices = ", ".join(n for n in modules if n and "." not in n)
                 raise ValueError(f"feature tap {name!r}: {type(model).__name__} has no module {path!r}; "

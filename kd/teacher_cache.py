@@ -202,19 +202,25 @@ def check_settings(settings: DictConfig) -> None:
     _check_max_gb(settings.max_gb)
 
 
-def from_config(cfg: DictConfig, splits: Splits, teacher_ckpt: Path, device: torch.device, dtype: torch.dtype,
-                acceleration: Acceleration) -> TeacherCache | None:
-    """The run's cache, or None when `teacher_cache.enabled` is false."""
-    settings = cfg.teacher_cache  # checked by check_settings before any work started
-    if not settings.enabled:
-        return None
+def for_run(cfg: DictConfig, splits: Splits, teacher_sha256: str, device: torch.device, dtype: torch.dtype,
+            acceleration: Acceleration, directory: str | Path) -> TeacherCache:
+    """A cache in `directory` keyed by everything that decides this run's teacher outputs."""
     teacher = cfg.model.teacher
-    key = {"teacher": {"arch": teacher.name, "sha256": file_sha256(teacher_ckpt),
+    key = {"teacher": {"arch": teacher.name, "sha256": teacher_sha256,
                        "normalization": [list(teacher.normalization.mean), list(teacher.normalization.std)]},
            "data": {"name": cfg.data.name, "train_sha256": tensors_sha256(splits.train_x, splits.train_y)},
            "seed": cfg.seed, **numerics(device, dtype, acceleration)}
     taps = {name: teacher.taps[name] for name in cfg.method.taps}
-    return TeacherCache(to_absolute_path(settings.dir), settings.max_gb, key, taps, cfg.optim.batch_size, device)
+    return TeacherCache(directory, cfg.teacher_cache.max_gb, key, taps, cfg.optim.batch_size, device)
+
+
+def from_config(cfg: DictConfig, splits: Splits, teacher_ckpt: Path, device: torch.device, dtype: torch.dtype,
+                acceleration: Acceleration) -> TeacherCache | None:
+    """The run's cache in `teacher_cache.dir`, or None when `teacher_cache.enabled` is false."""
+    if not cfg.teacher_cache.enabled:  # settings checked by check_settings before any work started
+        return None
+    return for_run(cfg, splits, file_sha256(teacher_ckpt), device, dtype, acceleration,
+                   to_absolute_path(cfg.teacher_cache.dir))
 
 
 def not_used(enabled: bool) -> dict:

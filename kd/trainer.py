@@ -29,7 +29,6 @@ from kd.io import save_torch
 from kd.losses.base import DistillationLoss
 from kd.taps import Outputs, TappedModel
 from kd.teacher_cache import EpochOutputs, TeacherCache, compute_epoch
-from kd.validation import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from kd import teacher as teachers
+from kd import teacher_cache
 from kd.bench import classic
 from kd.checkpoints import load_weights
 from kd.data import DeviceLoader, Splits, build_splits
 from kd.device import Acceleration, resolve_device, synchronize
 from kd.run import probe_feature_shapes
-from kd.teacher_cache import TeacherCache, numerics, tensors_sha256
 from kd.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -137,10 +137,8 @@ def harness_epoch(cfg: DictConfig, s: Setup, dtype: torch.dtype, cache_dir: str 
     acceleration = Acceleration.from_config(cfg.trainer)
     cache = None
     if cache_dir is not None and teacher is not None:
-        key = {"teacher": tensors_sha256(*s.teacher_state.values()), "data": tensors_sha256(s.splits.train_x),
-               "seed": cfg.seed, **numerics(s.device, dtype, acceleration)}
-        taps = {name: cfg.model.teacher.taps[name] for name in cfg.method.taps}
-        cache = TeacherCache(cache_dir, cfg.teacher_cache.max_gb, key, taps, cfg.optim.batch_size, s.device)
+        weights_sha256 = teacher_cache.tensors_sha256(*s.teacher_state.values())  # the weights may be random
+        cache = teacher_cache.for_run(cfg, s.splits, weights_sha256, s.device, dtype, acceleration, cache_dir)
     trainer = Trainer(student, loss, teacher, s.splits, cfg.optim, 1, cfg.seed, dtype, cfg.trainer.eval_batch_size,
                       label=cfg.method.name, progress=False, teacher_cache=cache,
                       acceleration=acceleration)
