@@ -3,12 +3,13 @@
 Every source returns (train_images, train_labels, test_images, test_labels) with images as uint8 NCHW.
 `DeviceLoader` does random crop (padding 4), horizontal flip and batching with tensor ops, seeded by
 (seed, epoch): two runs with the same seed see the same batches in the same order, whatever the method.
-The last, partial batch is kept (as the original notebook's DataLoader did).
+Each batch carries the training-set positions of its images, so a loss can keep per-sample state (a memory
+bank). The last, partial batch is kept (as the original notebook's DataLoader did).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -133,6 +134,35 @@ def build_splits(arrays: Arrays, val_fraction: float, split_seed: int, num_class
                   to(test_x), to(test_y), num_classes)
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a training step sits in the run: 0-based epoch and step, steps per epoch, epochs in all."""
+
+    epoch: int
+    step: int
+    steps: int
+    epochs: int
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs completed once this step is done, counted per step (0.5 = half of the first epoch)."""
+        return self.epoch + (self.step + 1) / self.steps
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Augmented images in [0, 1], their labels, their positions in the training split, and (set by the
+    trainer) the step's progress through the run."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    progress: Progress | None = None
+
+    def at(self, progress: Progress) -> "Batch":
+        return replace(self, progress=progress)
+
+
 class RandomCrops:
     """Every crop (zero padding `pad`) of every image, mirrored or not, as one strided uint8 view; no copies per crop.
 
@@ -155,7 +185,7 @@ class RandomCrops:
 
 
 class DeviceLoader:
-    """Shuffled, augmented training batches as float images in [0, 1] (each model normalises its own input).
+    """Shuffled, augmented training `Batch`es, images as floats in [0, 1] (each model normalises its own input).
 
     All randomness of an epoch (order, crop offsets, flips) is drawn at its start from a generator seeded by
     (seed, epoch); each batch is then one indexing op into `RandomCrops`.
@@ -175,8 +205,9 @@ class DeviceLoader:
         flip = torch.rand(n, generator=generator, device=device) < 0.5
         for start in range(0, n, self.batch_size):
             batch = slice(start, start + self.batch_size)
-            images = self.crops(order[batch], dx[batch], dy[batch], flip[batch])
-            yield images.float().div_(255), self.labels[order[batch]]
+            indices = order[batch]
+            images = self.crops(indices, dx[batch], dy[batch], flip[batch])
+            yield Batch(images.float().div_(255), self.labels[indices], indices)
 
 
 def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int):

@@ -1,52 +1,89 @@
-"""One run, end to end: check the config, load data and teacher, distil the student, write the results."""
+"""One run, end to end: check the config, load data and teacher, distil the student, write the results.
+
+`prepare` and `build_networks` are the run's setup, shared with `python -m kd.bench`.
+"""
 from __future__ import annotations
 
 import logging
 import platform
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kd import teacher as teachers
 from kd import teacher_cache
-from kd.data import build_splits
+from kd.data import Splits, build_splits
 from kd.device import Acceleration, resolve_device, resolve_precision
 from kd.evaluation import accuracy
 from kd.io import load_json, save_json, save_torch
+from kd.losses.base import DistillationLoss, loss_factory
+from kd.run_folder import FAILED, FINISHED, RESULTS, RUNNING, STATE, STUDENT, wandb_group, write_status
+from kd.taps import TappedModel, probe_shapes, resolve, tapped
 from kd.trainer import Trainer
-from kd.validation import validate
+from kd.validation import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
-RESULTS, STUDENT, STATE = "results.json", "student.pt", "training-state.pt"
+
+@dataclass
+class Prepared:
+    """What a run has settled before any expensive work: where it runs, and how to build its loss."""
+
+    device: torch.device
+    dtype: torch.dtype
+    acceleration: Acceleration
+    loss_factory: Callable[..., DistillationLoss]
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Every check that needs no data and no teacher: bad input fails here, before any decoding or training."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.trainer.precision, device)
+    acceleration = Acceleration.from_config(cfg.trainer)
+    teacher_cache.check_settings(cfg.teacher_cache)
+    try:
+        factory = loss_factory(cfg.method.loss)
+        for role in ("student", "teacher"):
+            for name in cfg.method.taps:
+                resolve(name, cfg.model[role].taps, cfg.model[role].name)
+    except ValueError as err:
+        raise ConfigError(f"method={cfg.method.name}: {err}") from None
+    return Prepared(device, dtype, acceleration, factory)
+
+
+def load_splits(cfg: DictConfig, device: torch.device, train_subset: int | None) -> Splits:
+    data = cfg.data
+    load_source = instantiate(data.source, _partial_=True)  # called here so its DataError is not wrapped
+    return build_splits(load_source(), data.val_fraction, data.split_seed, data.num_classes, train_subset, device)
+
+
+def build_networks(cfg: DictConfig, prepared: Prepared, teacher_model: torch.nn.Module, train_labels: torch.Tensor,
+                   normalize: bool = True) -> tuple[TappedModel, TappedModel, DistillationLoss]:
+    """The student (initialised from `seed`), the teacher, both with the method's taps, and the loss sized for
+    them. `normalize=False` leaves the input normalisation to the caller (the benchmark's classic loop)."""
+    taps = list(cfg.method.taps)
+    teacher = tapped(cfg.model.teacher, teacher_model, taps, normalize)
+    torch.manual_seed(cfg.seed)
+    student = tapped(cfg.model.student, instantiate(cfg.model.student.arch).to(prepared.device), taps, normalize)
+    shapes = {"student": probe_shapes(student, prepared.device), "teacher": probe_shapes(teacher, prepared.device)}
+    loss = prepared.loss_factory(feature_shapes=shapes, num_classes=cfg.data.num_classes, num_train=len(train_labels),
+                                 train_labels=train_labels, teacher_model=teacher_model)
+    return student, teacher, loss.to(prepared.device)
 
 
 def run_dir_and_group() -> tuple[Path, str]:
-    """The Hydra output folder, and the W&B group: the sweep folder in a multirun, else the run folder."""
+    """The Hydra output folder and the W&B group (outside Hydra: the current folder)."""
     if not HydraConfig.initialized():
         return Path.cwd(), Path.cwd().name
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
-    if hc.mode == RunMode.MULTIRUN:
-        return out, "/".join(Path(hc.sweep.dir).parts[-2:])
-    return out, "/".join(out.parts[-2:])
-
-
-def probe_feature_shapes(student, teacher, device) -> dict:
-    """One forward of two blank images through both networks: the per-sample shapes of each tapped feature."""
-    blank = torch.zeros(2, 3, 32, 32, device=device)
-    shapes = {}
-    for role, net in (("student", student), ("teacher", teacher)):
-        was_training = net.training
-        net.eval()
-        with torch.no_grad():
-            shapes[role] = {k: tuple(v.shape[1:]) for k, v in net(blank).features.items()}
-        net.train(was_training)
-    return shapes
+    return out, wandb_group(hc, out)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -55,37 +92,43 @@ def train(cfg: DictConfig) -> dict:
     if (run_dir / RESULTS).exists():
         log.info("%s already holds finished results; not training again", run_dir / RESULTS)
         return load_json(run_dir / RESULTS)
-    validate(cfg)
-    device = resolve_device(cfg.device)
-    dtype = resolve_precision(cfg.trainer.precision, device)
-    acceleration = Acceleration.from_config(cfg.trainer)
-    teacher_cache.check_settings(cfg.teacher_cache)
+    write_status(run_dir, RUNNING)
+    try:
+        results = _train(cfg, run_dir, group)
+    except Exception as err:
+        write_status(run_dir, FAILED, error=f"{type(err).__name__}: {err}")
+        raise
+    write_status(run_dir, FINISHED, epochs_done=len(results["history"]))
+    return results
 
-    data = cfg.data
-    load_source = instantiate(data.source, _partial_=True)  # called here so its DataError is not wrapped
-    splits = build_splits(load_source(), data.val_fraction, data.split_seed, data.num_classes,
-                          data.train_subset, device)
-    log.info("data %s: %d train, %d val, %d test images on %s, %s", data.name, len(splits.train_y),
+
+def _train(cfg: DictConfig, run_dir: Path, group: str) -> dict:
+    prepared = prepare(cfg)
+    device, dtype = prepared.device, prepared.dtype
+    splits = load_splits(cfg, device, cfg.data.train_subset)
+    log.info("data %s: %d train, %d val, %d test images on %s, %s", cfg.data.name, len(splits.train_y),
              len(splits.val_y), len(splits.test_y), device, str(dtype).removeprefix("torch."))
 
-    taps = list(cfg.method.taps)
-    teacher = teachers.tapped(cfg.model.teacher, teachers.load_or_train(cfg, splits, device, dtype), taps)
+    teacher_model = teachers.load_or_train(cfg, splits, device, dtype)
+    student, teacher, loss_fn = build_networks(cfg, prepared, teacher_model, splits.train_y)
     teacher_test_acc = accuracy(teacher, splits.test_x, splits.test_y, cfg.trainer.eval_batch_size, dtype)
     log.info("teacher %s test_acc %.4f", cfg.model.teacher.name, teacher_test_acc)
-
-    torch.manual_seed(cfg.seed)
-    student = teachers.tapped(cfg.model.student, instantiate(cfg.model.student.arch).to(device), taps)
-    loss_fn = instantiate(cfg.method.loss, feature_shapes=probe_feature_shapes(student, teacher, device)).to(device)
+    if loss_fn.scale_note():
+        log.info("%s", loss_fn.scale_note())
 
     cache = teacher_cache.from_config(cfg, splits, teachers.checkpoint_path(cfg.model.teacher), device, dtype,
-                                      acceleration) if loss_fn.needs_teacher else None
-
+                                      prepared.acceleration) if loss_fn.needs_teacher else None
     logger = instantiate(cfg.logger)
     logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir, group, cfg.method.name)
+
+    def on_epoch(record: dict) -> None:
+        logger.log_epoch(record)
+        write_status(run_dir, RUNNING, epochs_done=record["epoch"])
+
     trainer = Trainer(student, loss_fn, teacher if loss_fn.needs_teacher else None, splits, cfg.optim,
-                      cfg.trainer.epochs, cfg.seed, dtype, cfg.trainer.eval_batch_size, label=cfg.method.name,
-                      state_path=run_dir / STATE, on_epoch=logger.log_epoch, progress=cfg.trainer.progress_bar,
-                      teacher_cache=cache, acceleration=acceleration)
+                      cfg.kd_epochs, cfg.seed, dtype, cfg.trainer.eval_batch_size, label=cfg.method.name,
+                      state_path=run_dir / STATE, on_epoch=on_epoch, progress=cfg.trainer.progress_bar,
+                      teacher_cache=cache, acceleration=prepared.acceleration)
     result = trainer.fit()
     teacher.close()
     student.close()
@@ -97,6 +140,7 @@ def train(cfg: DictConfig) -> dict:
         "seed": cfg.seed,
         "kd_epochs": cfg.kd_epochs,
         "train_time_sec": result.train_time_sec,
+        "prepare_time_sec": result.prepare_time_sec,
         "train_acc": evaluate(splits.train_x, splits.train_y),
         "val_acc": result.best_val_acc,
         "test_acc": evaluate(splits.test_x, splits.test_y),
@@ -107,7 +151,7 @@ def train(cfg: DictConfig) -> dict:
                     "test_acc": teacher_test_acc},
         "student": {"arch": cfg.model.student.name,
                     "params": sum(p.numel() for p in student.model.parameters())},
-        "data": {"name": data.name, "train": len(splits.train_y), "val": len(splits.val_y),
+        "data": {"name": cfg.data.name, "train": len(splits.train_y), "val": len(splits.val_y),
                  "test": len(splits.test_y)},
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "host": platform.node(),

@@ -1,10 +1,24 @@
-"""Named feature taps: forward hooks on configured modules, no per-method model subclasses."""
+"""Named feature taps: forward hooks on configured modules, no per-method model subclasses.
+
+Each model config maps feature names to module paths (`conf/model/<name>.yaml`, `taps:`). Every architecture
+uses the same names: `stage1`..`stageN` (end of each stage, after its activation), `stageK_preact` (the same
+point before the stage's last ReLU), `feat` (the last feature map) and `embed` (the pooled vector the
+classifier reads). `stage-1`, `stage-2`, ... count from the last stage, so a method can ask for "the last
+three stages" of any pair of networks. A path ending in `:input` taps what that module receives instead of
+what it returns (the input of a ReLU is a pre-activation; the input of the classifier is the embedding).
+"""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
+
+INPUT = ":input"
+_STAGE = re.compile(r"stage(-?\d+)(_preact)?")
 
 
 @dataclass
@@ -22,32 +36,71 @@ class Outputs:
         return Outputs(self.logits.float(), {k: v.float() for k, v in self.features.items()})
 
 
+def module_path(spec: str) -> str:
+    """The module a tap spec hooks (`layer3.2.relu:input` -> `layer3.2.relu`)."""
+    return spec.removesuffix(INPUT)
+
+
+def resolve(name: str, taps: Mapping[str, str], model_name: str) -> str:
+    """The tap spec (module path, maybe `:input`) that feature `name` means for a model with these `taps`."""
+    stage = _STAGE.fullmatch(name)
+    if stage and int(stage[1]) < 0:
+        count = sum(1 for key in taps if re.fullmatch(r"stage\d+", key))
+        index = count + 1 + int(stage[1])
+        if index < 1:
+            raise ValueError(f"feature {name!r}: model {model_name!r} has only {count} stages (stage1..stage{count})")
+        name = f"stage{index}{stage[2] or ''}"
+    if name not in taps:
+        raise ValueError(f"model {model_name!r} defines no feature tap {name!r}; it has {list(taps)}")
+    return taps[name]
+
+
 class TappedModel(nn.Module):
     """Normalises [0, 1] images with the model's own mean/std, runs it, and captures the tapped features.
 
-    `taps` maps a feature name (as used by losses, e.g. "feat") to a module path in the model (e.g. "layer3").
-    One forward hook per tapped module; `close()` removes them.
+    `taps` maps a feature name (as losses use it, e.g. "feat") to a tap spec (e.g. "layer3" or
+    "linear:input"). One hook per tapped module, however many names point at it; `close()` removes them.
     """
 
-    def __init__(self, model: nn.Module, mean, std, taps: dict[str, str] | None = None):
+    def __init__(self, model: nn.Module, mean, std, taps: Mapping[str, str] | None = None):
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self._captured: dict[str, torch.Tensor] = {}
         self._handles = []
-        self.tap_paths = dict(taps or {})
+        self.taps = dict(taps or {})
         modules = dict(model.named_modules())
-        for name, path in self.tap_paths.items():
+        names_by_spec: dict[str, list[str]] = {}
+        for name, spec in self.taps.items():
+            names_by_spec.setdefault(spec, []).append(name)
+        for spec, names in names_by_spec.items():
+            path = module_path(spec)
             if path not in modules:
                 choices = ", ".join(n for n in modules if n and "." not in n)
-                raise ValueError(f"feature tap {name!r}: {type(model).__name__} has no module {path!r}; "
+                raise ValueError(f"feature tap {names[0]!r}: {type(model).__name__} has no module {path!r}; "
                                  f"top-level modules are: {choices}")
-            self._handles.append(modules[path].register_forward_hook(self._hook(name)))
+            if spec.endswith(INPUT):
+                hook = modules[path].register_forward_pre_hook(self._capture_input(names))
+            else:
+                hook = modules[path].register_forward_hook(self._capture_output(names))
+            self._handles.append(hook)
 
-    def _hook(self, name: str):
+    @property
+    def tap_paths(self) -> set[str]:
+        """The module paths hooked (BatchNorm folding leaves these modules alone)."""
+        return {module_path(spec) for spec in self.taps.values()}
+
+    def _capture_output(self, names: list[str]):
         def capture(_module, _inputs, output):
-            self._captured[name] = output
+            for name in names:
+                self._captured[name] = output
+        return capture
+
+    def _capture_input(self, names: list[str]):
+        def capture(_module, inputs):
+            for name in names:
+                self._captured[name] = inputs[0]
         return capture
 
     def forward(self, images: torch.Tensor) -> Outputs:
@@ -60,3 +113,22 @@ class TappedModel(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def tapped(model_cfg: DictConfig, model: nn.Module, names: list[str], normalize: bool = True) -> TappedModel:
+    """Wrap a model with its own input normalisation (unless the caller normalises) and the taps a method
+    asks for, by feature name."""
+    taps = {name: resolve(name, model_cfg.taps, model_cfg.name) for name in names}
+    norm = model_cfg.normalization
+    mean, std = (list(norm.mean), list(norm.std)) if normalize else ([0.0] * 3, [1.0] * 3)
+    return TappedModel(model, mean, std, taps)
+
+
+@torch.no_grad()
+def probe_shapes(net: TappedModel, device: torch.device, image_size: int = 32) -> dict[str, tuple[int, ...]]:
+    """One forward of two blank images: the per-sample shape of every tapped feature."""
+    was_training = net.training
+    net.eval()
+    shapes = {k: tuple(v.shape[1:]) for k, v in net(torch.zeros(2, 3, image_size, image_size, device=device)).features.items()}
+    net.train(was_training)
+    return shapes

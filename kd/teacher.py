@@ -16,19 +16,10 @@ from kd.checkpoints import load_weights
 from kd.data import Splits
 from kd.io import exclusive, save_json, save_torch
 from kd.losses.ce import CrossEntropy
-from kd.taps import TappedModel
+from kd.taps import tapped
 from kd.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-def tapped(model_cfg: DictConfig, model: torch.nn.Module, taps: list[str]) -> TappedModel:
-    """Wrap a model with its own normalisation and the taps a method asks for, by feature name."""
-    missing = [name for name in taps if name not in model_cfg.taps]
-    if missing:
-        raise ValueError(f"model {model_cfg.name!r} defines no feature tap {missing}; it has {list(model_cfg.taps)}")
-    norm = model_cfg.normalization
-    return TappedModel(model, list(norm.mean), list(norm.std), {name: model_cfg.taps[name] for name in taps})
 
 
 def checkpoint_path(teacher_cfg: DictConfig) -> Path:

@@ -9,7 +9,8 @@ run one after another or side by side on machines that share the cache folder.
 Layout: `<dir>/<key>/epoch-0003.logits.pt` and `<dir>/<key>/epoch-0003.tap-<module>.pt`: one tensor each,
 the epoch's outputs in batch order, in the dtype the teacher computed. A method that taps nothing reads only
 the logits; one that taps `feat` (module `layer4`) also reads `tap-layer4`, so logits-only and feature
-methods share entries. Features are keyed by module path, not by the name a method gives them.
+methods share entries. Features are keyed by tap spec (module path, `:input` written `.input`), not by the
+name a method gives them: `feat` and `stage4` of ResNet-18 are one file.
 
 Concurrency: a file appears only by os.replace of a complete temporary file, so nobody reads a partial one.
 A job that misses takes the epoch's file lock before computing; another job missing the same epoch waits on
@@ -34,7 +35,7 @@ from omegaconf import DictConfig
 from kd.data import Splits
 from kd.device import Acceleration, autocast
 from kd.io import exclusive, save_json, save_torch
-from kd.taps import Outputs, TappedModel
+from kd.taps import Outputs, TappedModel, resolve
 from kd.validation import ConfigError
 
 log = logging.getLogger(__name__)
@@ -88,9 +89,9 @@ class EpochOutputs:
 def compute_epoch(teacher: TappedModel, batches, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The teacher's outputs for every batch of an epoch, concatenated in batch order, in the dtype it computed."""
     parts: dict[str, list[torch.Tensor]] = {}
-    for images, _ in batches:
+    for batch in batches:
         with torch.inference_mode(), autocast(device, dtype):
-            outputs = teacher(images)
+            outputs = teacher(batch.images)
         for name, value in {LOGITS: outputs.logits, **outputs.features}.items():
             parts.setdefault(name, []).append(value)
     # torch.cat outside inference_mode: the result is a normal tensor that losses may save for backward
@@ -112,7 +113,7 @@ class TeacherCache:
         self.reused = self.computed = 0
 
     def _paths(self, epoch: int) -> dict[str, Path]:
-        stems = {LOGITS: LOGITS, **{name: f"tap-{module}" for name, module in self.taps.items()}}
+        stems = {LOGITS: LOGITS, **{name: f"tap-{spec.replace(':', '.')}" for name, spec in self.taps.items()}}
         return {name: self.dir / f"epoch-{epoch:04d}.{stem}.pt" for name, stem in stems.items()}
 
     def epoch(self, epoch: int, compute: Callable[[], dict[str, torch.Tensor]]) -> EpochOutputs:
@@ -210,7 +211,7 @@ def for_run(cfg: DictConfig, splits: Splits, teacher_sha256: str, device: torch.
                        "normalization": [list(teacher.normalization.mean), list(teacher.normalization.std)]},
            "data": {"name": cfg.data.name, "train_sha256": tensors_sha256(splits.train_x, splits.train_y)},
            "seed": cfg.seed, **numerics(device, dtype, acceleration)}
-    taps = {name: teacher.taps[name] for name in cfg.method.taps}
+    taps = {name: resolve(name, teacher.taps, teacher.name) for name in cfg.method.taps}
     return TeacherCache(directory, cfg.teacher_cache.max_gb, key, taps, cfg.optim.batch_size, device)
 
 

@@ -3,11 +3,13 @@
 Method-agnostic: a method is its loss module. The teacher (if the loss needs one) runs once per batch under
 inference_mode, or its epoch's outputs come from the shared cache (`kd/teacher_cache.py`); the loss always
 computes in fp32, also under bf16 autocast. Running metrics stay on the device, so the hot loop never waits
-for the host; they are read once per epoch.
+for the host; they are read once per epoch. A loss with a preparation stage (`DistillationLoss.prepare`)
+runs it once before the first epoch; its time is kept apart from the student's.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import random
 import time
@@ -22,11 +24,11 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from kd.batchnorm_folding import fold_batchnorm
-from kd.data import DeviceLoader, Splits
+from kd.data import DeviceLoader, Progress, Splits
 from kd.device import Acceleration, autocast, synchronize
 from kd.evaluation import accuracy
 from kd.io import save_torch
-from kd.losses.base import DistillationLoss
+from kd.losses.base import DistillationLoss, LossParts, Preparation
 from kd.taps import Outputs, TappedModel
 from kd.teacher_cache import EpochOutputs, TeacherCache, compute_epoch
 
@@ -44,6 +46,7 @@ class TrainResult:
     best_val_acc: float
     train_time_sec: float
     resumed_from_epoch: int = 0
+    prepare_time_sec: float = 0.0
 
 
 @dataclass
@@ -54,6 +57,8 @@ class _State:
     history: list[dict] = field(default_factory=list)
     best: dict | None = None  # {"epoch", "val_acc", "student", "loss"}
     train_time_sec: float = 0.0
+    prepared: bool = False
+    prepare_time_sec: float = 0.0
 
 
 def _rng_state() -> dict:
@@ -90,7 +95,7 @@ class Trainer:
             teacher.eval()
             teacher.requires_grad_(False)
             if acceleration.fold_teacher_batchnorm:
-                folded = fold_batchnorm(teacher.model, keep=teacher.tap_paths.values())
+                folded = fold_batchnorm(teacher.model, keep=teacher.tap_paths)
                 log.debug("teacher: %d BatchNorms folded into their convolutions", folded)
         for net in (student, teacher):
             if net is not None and acceleration.channels_last:
@@ -102,8 +107,8 @@ class Trainer:
     def _save_state(self, state: _State) -> None:
         if self.state_path is None:
             return
-        save_torch({"next_epoch": state.next_epoch, "history": state.history, "best": state.best,
-                    "train_time_sec": state.train_time_sec, "student": self.student.model.state_dict(),
+        fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}  # asdict would deep-copy `best`
+        save_torch({**fields, "student": self.student.model.state_dict(),
                     "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "rng": _rng_state()}, self.state_path)
 
@@ -124,7 +129,7 @@ class Trainer:
         self.scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"])
         log.info("resuming from %s after epoch %d", self.state_path, saved["next_epoch"])
-        return _State(saved["next_epoch"], saved["history"], saved["best"], saved["train_time_sec"])
+        return _State(**{f.name: saved[f.name] for f in dataclasses.fields(_State)})
 
     # ------------------------------------------------------------------ loop
     def _teacher_outputs(self, images: torch.Tensor) -> Outputs | None:
@@ -141,43 +146,74 @@ class Trainer:
         return self.teacher_cache.epoch(
             epoch, lambda: compute_epoch(self.teacher, self.loader.epoch(epoch), self.device, self.dtype))
 
+    def _batches(self, epoch: int):
+        """The epoch's training batches, each with its progress through the run and the teacher's outputs."""
+        cached = self._cached_teacher_epoch(epoch)
+        steps = len(self.loader)
+        batches = tqdm(self.loader.epoch(epoch), total=steps, leave=False,
+                       desc=f"{self.label} {epoch + 1}/{self.epochs}", disable=None if self.progress else True)
+        for step, batch in enumerate(batches):
+            teacher = self._teacher_outputs(batch.images) if cached is None else cached.batch(step)
+            yield batch.at(Progress(epoch, step, steps, self.epochs)), teacher
+
+    def _step(self, parts: LossParts) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.optimizer, "step_parts"):  # an optimizer that treats the two gradients apart (DOT)
+            self.optimizer.step_parts(parts.task, parts.distillation)
+            return
+        parts.total.backward()
+        self.optimizer.step()
+
     def _train_epoch(self, epoch: int) -> dict:
         self.student.train()
         self.loss_fn.train()
-        self.loss_fn.start_epoch(epoch, self.epochs)
-        cached = self._cached_teacher_epoch(epoch)
         zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
-        loss_sum, correct, seen, terms_sum = zero(), zero(), 0, {}
+        sums = {"loss": zero(), "task_loss": zero(), "distillation_loss": zero(), "correct": zero()}
+        seen, terms_sum = 0, {}
         first_bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
-        batches = tqdm(self.loader.epoch(epoch), total=len(self.loader), leave=False,
-                       desc=f"{self.label} {epoch + 1}/{self.epochs}", disable=None if self.progress else True)
-        for step, (images, labels) in enumerate(batches):
-            teacher = self._teacher_outputs(images) if cached is None else cached.batch(step)
+        for batch, teacher in self._batches(epoch):
             with autocast(self.device, self.dtype):
-                student = self.student(images)
+                student = self.student(batch.images)
             with torch.autocast(self.device.type, enabled=False):
-                total, terms = self.loss_fn(student.float(), teacher, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
+                parts = self.loss_fn(student.float(), teacher, batch)
+            self._step(parts)
 
-            detached = total.detach()
-            bad = ~torch.isfinite(detached) & (first_bad_step < 0)
-            first_bad_step = torch.where(bad, torch.full_like(first_bad_step, step), first_bad_step)
-            loss_sum += detached * len(labels)
-            correct += (student.logits.detach().argmax(1) == labels).sum()
-            seen += len(labels)
-            for name, value in terms.items():
-                terms_sum[name] = terms_sum.get(name, 0) + value.detach() * len(labels)
+            n = len(batch.labels)
+            total = parts.total.detach()
+            bad = ~torch.isfinite(total) & (first_bad_step < 0)
+            first_bad_step = torch.where(bad, torch.full_like(first_bad_step, batch.progress.step), first_bad_step)
+            sums["loss"] += total * n
+            sums["task_loss"] += parts.task.detach() * n
+            sums["distillation_loss"] += parts.distillation.detach() * n
+            sums["correct"] += (student.logits.detach().argmax(1) == batch.labels).sum()
+            seen += n
+            for name, value in parts.terms.items():
+                terms_sum[name] = terms_sum.get(name, 0) + value.detach() * n
         bad_step = int(first_bad_step)
         if bad_step >= 0:
             raise NonFiniteLoss(f"{self.label}: the loss became non-finite at epoch {epoch + 1}, step {bad_step + 1}")
-        return {"loss": (loss_sum / seen).item(), "train_acc": correct.item() / seen,
+        record = {k: (v / seen).item() for k, v in sums.items() if k != "correct"}
+        return {**record, "train_acc": sums["correct"].item() / seen,
                 "terms": {k: (v / seen).item() for k, v in terms_sum.items()}}
+
+    def _prepare(self, state: _State) -> None:
+        """The loss's preparation stage, once, before the first epoch; saved so a resumed run skips it."""
+        if state.prepared or state.next_epoch > 0 or not self.loss_fn.has_preparation:
+            return
+        log.info("%s: preparation stage before the student's first epoch", self.label)
+        synchronize(self.device)
+        start = time.perf_counter()
+        self.loss_fn.prepare(Preparation(self.student, self._batches, lambda: autocast(self.device, self.dtype),
+                                         lambda message: log.info("%s prepare: %s", self.label, message)))
+        synchronize(self.device)
+        state.prepared, state.prepare_time_sec = True, time.perf_counter() - start
+        log.info("%s: preparation took %.1fs", self.label, state.prepare_time_sec)
+        self._save_state(state)
 
     def fit(self) -> TrainResult:
         state = self._load_state()
         resumed_from = state.next_epoch
+        self._prepare(state)
         for epoch in range(state.next_epoch, self.epochs):
             synchronize(self.device)
             start = time.perf_counter()
@@ -202,7 +238,7 @@ class Trainer:
         self.student.model.load_state_dict(state.best["student"])
         self.loss_fn.load_state_dict(state.best["loss"])
         return TrainResult(state.history, state.best["epoch"], state.best["val_acc"], state.train_time_sec,
-                           resumed_from)
+                           resumed_from, state.prepare_time_sec)
 
     def _log_epoch(self, r: dict, is_best: bool) -> None:
         terms = "  ".join(f"{k} {v:.4f}" for k, v in r["terms"].items())

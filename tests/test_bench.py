@@ -11,7 +11,7 @@ from kd.bench.__main__ import main
 from kd.run import train
 
 TINY_BENCH = ["data=synthetic", "data.source.num_train=300", "data.source.num_test=100", "bench.images=128",
-              "bench.val_images=32", "bench.workers=0", "bench.pipeline_epochs=1", "model/teacher=smallnet",
+              "bench.val_images=32", "bench.workers=0", "bench.pipeline_epochs=1", "model@model.teacher=smallnet",
               "bench.methods=[ce,at,kd]", "device=cpu", "bench.out=bench.json"]
 
 
@@ -47,7 +47,7 @@ def test_channels_last_is_on_by_default_and_can_be_turned_off(random_teacher_ckp
     def conv_weights_nhwc(setting):
         (tmp_path / str(setting)).mkdir()
         monkeypatch.chdir(tmp_path / str(setting))
-        cfg = compose_config([*TINY, "method=ce", "kd_epochs=1", "model/teacher=resnet20", "data.source.num_train=150",
+        cfg = compose_config([*TINY, "method=ce", "kd_epochs=1", "model@model.teacher=resnet20", "data.source.num_train=150",
                               f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}",
                               *([f"trainer.channels_last={setting}"] if setting is not None else [])])
         assert math.isfinite(train(cfg)["history"][0]["loss"])
@@ -60,7 +60,7 @@ def test_channels_last_is_on_by_default_and_can_be_turned_off(random_teacher_ckp
 
 @pytest.mark.slow
 def test_compile_flag_runs_on_cpu(random_teacher_ckpts, tmp_path):
-    proc = run_train([*TINY, "method=kd", "kd_epochs=1", "model/teacher=smallnet", "data.source.num_train=150",
+    proc = run_train([*TINY, "method=kd", "kd_epochs=1", "model@model.teacher=smallnet", "data.source.num_train=150",
                       f"model.teacher.ckpt={tmp_path / 'teacher.pt'}", "teacher_training.epochs=1",
                       "trainer.compile=true", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

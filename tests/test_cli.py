@@ -4,20 +4,19 @@ import json
 
 import pytest
 
-from conftest import TINY, compose_config, run_train
+from conftest import METHODS, TINY, compose_config, run_train
 from kd.data import DataError
 from kd.run import train
 from kd.validation import ConfigError
 
 pytestmark = pytest.mark.slow
-METHODS = ["ce", "kd", "cee", "fitnet", "at", "logit", "fkd", "rkd", "crd", "pkt"]
 RESULT_KEYS = {"method", "method_name", "seed", "kd_epochs", "train_time_sec", "train_acc", "val_acc", "test_acc",
                "best_epoch", "history", "teacher", "student"}
 
 
 def test_single_run_writes_config_log_results_and_weights(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_train([*TINY, "data.source.num_train=1500", "kd_epochs=2", "seed=1", "model/teacher=smallnet",
+    proc = run_train([*TINY, "data.source.num_train=1500", "kd_epochs=2", "seed=1", "model@model.teacher=smallnet",
                       f"model.teacher.ckpt={tmp_path / 'teacher.pt'}", "teacher_training.epochs=2",
                       f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -35,12 +34,14 @@ def test_single_run_writes_config_log_results_and_weights(tmp_path):
     assert results["student"] == {"arch": "smallnet", "params": 141_354}
     for name in ("student.pt", "train.log", ".hydra/config.yaml", ".hydra/overrides.yaml"):
         assert (run_dir / name).exists(), name
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["epochs_done"] == 2 and status["pid"] > 0
     assert "epoch   2/2" in (run_dir / "train.log").read_text()
 
 
-def test_glob_sweep_runs_all_ten_methods(tmp_path, random_teacher_ckpts):
+def test_glob_sweep_runs_every_method(tmp_path, random_teacher_ckpts):
     sweep = tmp_path / "sweep"
-    proc = run_train(["-m", "method=glob(*)", *TINY, "kd_epochs=1", "model/teacher=resnet20",
+    proc = run_train(["-m", "method=glob(*)", *TINY, "kd_epochs=1", "model@model.teacher=resnet20",
                       f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}", f"hydra.sweep.dir={sweep}"],
                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -53,17 +54,29 @@ def test_glob_sweep_runs_all_ten_methods(tmp_path, random_teacher_ckpts):
 def test_every_method_runs_with_a_resnet18_teacher(method, tmp_path, monkeypatch, random_teacher_ckpts):
     monkeypatch.chdir(tmp_path)
     cfg = compose_config([*TINY, f"method={method}", "kd_epochs=1", "data.source.num_train=200",
-                          "data.source.num_test=100", "model/teacher=resnet18",
+                          "data.source.num_test=100", "model@model.teacher=resnet18",
                           f"model.teacher.ckpt={random_teacher_ckpts['resnet18']}"])
     results = train(cfg)
     assert results["method"] == method and len(results["history"]) == 1
     assert all(isinstance(v, float) for v in results["history"][0]["terms"].values())
 
 
+@pytest.mark.parametrize("method,note", [("fitnet", "fitnet: hint averaged over the teacher's 64 channels at each position; "
+                                                   "weight 50 acts as 0.7812"),
+                                         ("at", "at: maps compared at 4x4 = 16 positions; weight 250 acts as 15.62")])
+def test_feature_losses_print_their_effective_scale_first(method, note, tmp_path, random_teacher_ckpts):
+    proc = run_train([*TINY, f"method={method}", "kd_epochs=1", "data.source.num_train=100", "model@model.teacher=resnet20",
+                      f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}", f"hydra.run.dir={tmp_path / 'run'}"],
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith(note) for line in lines[:6]), lines[:6]
+
+
 def test_grid_sweep_over_loss_parameters(tmp_path, random_teacher_ckpts):
     sweep = tmp_path / "grid"
     proc = run_train(["-m", "method=kd", "method.loss.temperature=2,8", *TINY, "kd_epochs=1",
-                      "data.source.num_train=200", "model/teacher=resnet20",
+                      "data.source.num_train=200", "model@model.teacher=resnet20",
                       f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}", f"hydra.sweep.dir={sweep}"],
                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,11 +114,14 @@ def test_bad_value_is_reported_plainly_before_training(tmp_path):
     ("data=imagefolder data.root=/nonexistent/kd", DataError, "data.root='/nonexistent/kd' has no train/ or test/"),
     ("data=cifar10 data.root=/nonexistent/kd data.source.download=false", DataError,
      "CIFAR-10 is not in data.root='/nonexistent/kd'.*data=synthetic"),
+    ("+method.loss.temprature=2", ConfigError, r"method=kd: method.loss: VanillaKD takes no argument \['temprature'\]"),
+    ("method.loss._target_=kd.losses.kd.Nope", ConfigError, "method=kd: method.loss: .*kd.losses.kd.Nope"),
+    ("method=fitnet method.loss.feature=middle", ConfigError, "defines no feature tap 'middle'"),
 ])
 def test_each_bad_input_fails_before_training(override, error, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny = [o for o in TINY if not o.startswith(("data", "device")) or o.split("=")[0] in override]
-    cfg = compose_config([*tiny, *override.split(), "model/teacher=smallnet",
+    cfg = compose_config([*tiny, *override.split(), "model@model.teacher=smallnet",
                           f"model.teacher.ckpt={tmp_path / 'teacher.pt'}"])
     with pytest.raises(error, match=message):
         train(cfg)

@@ -1,32 +1,67 @@
-"""The real configs compose for every option, and kd_epochs is the one source of the student's epochs."""
+"""The real configs compose for every option, every method's YAML is complete, and kd_epochs is the one source of
+the student's epochs."""
+import importlib
+
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import torch
-from conftest import CONF, compose_config
+from conftest import CONF, METHODS, MODELS, compose_config
+from kd.losses.base import DistillationLoss, loss_factory
 
-GROUPS = ["data", "model/teacher", "model/student", "optim", "method", "logger"]
+GROUPS = {"data": "data", "model@model.teacher": "model", "model@model.student": "model", "optim": "optim",
+          "method": "method", "logger": "logger"}
 
 
-@pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
-def test_every_option_composes_and_resolves(group, option):
-    cfg = compose_config([f"{group}={option}"])
+@pytest.mark.parametrize("override,option", [(key, p.stem) for key, folder in GROUPS.items()
+                                             for p in sorted((CONF / folder).glob("*.yaml"))])
+def test_every_option_composes_and_resolves(override, option):
+    cfg = compose_config([f"{override}={option}"])
     container = OmegaConf.to_container(cfg, resolve=True)
     assert container["kd_epochs"] == 10
 
 
-def test_all_ten_methods_are_present():
-    names = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
-    assert names == sorted(["ce", "kd", "cee", "fitnet", "at", "logit", "fkd", "rkd", "crd", "pkt"])
-    for name in names:
-        method = compose_config([f"method={name}"]).method
-        assert method.name == name and method.display_name and method.description and method.formula
+def test_the_lists_come_from_the_folders():
+    assert METHODS == sorted(p.stem for p in (CONF / "method").glob("*.yaml")) and len(METHODS) >= 10
+    assert {"ce", "kd", "fitnet"} <= set(METHODS) and {"resnet18", "resnet56", "smallnet"} <= set(MODELS)
+    assert not (CONF / "model" / "teacher").exists() and not (CONF / "model" / "student").exists()
 
 
-def test_kd_epochs_reaches_trainer_and_schedule():
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_yaml_is_complete(method):
+    cfg = compose_config([f"method={method}"]).method
+    assert cfg.name == method
+    for key in ("display_name", "description", "formula"):
+        assert str(cfg[key]).strip(), key
+    assert "paper" in cfg  # a citation, or null for the baseline and the notebook's own methods
+    factory = loss_factory(cfg.loss)  # the target imports and the YAML's arguments fit the class
+    assert issubclass(factory.loss_class, DistillationLoss)
+    module = importlib.import_module(factory.loss_class.__module__)
+    assert module.__name__ == f"kd.losses.{module.__name__.rsplit('.', 1)[1]}"
+    assert factory.loss_class.__doc__, "each loss documents its paper and formula"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_each_model_names_its_stages_under_the_common_keys(model):
+    taps = compose_config([f"model@model.student={model}"]).model.student.taps
+    stages = sorted(k for k in taps if k.startswith("stage") and not k.endswith("_preact"))
+    assert stages == [f"stage{i}" for i in range(1, len(stages) + 1)] and len(stages) >= 3
+    assert {f"{s}_preact" for s in stages} <= set(taps)
+    assert {"stem", "feat", "embed"} <= set(taps) and taps.feat == taps[stages[-1]]
+
+
+def test_one_model_group_selected_twice_with_the_teacher_checkpoint_in_one_place():
+    cfg = compose_config(["model@model.teacher=resnet56", "model@model.student=resnet20", "data=synthetic"])
+    assert cfg.model.teacher.name == "resnet56" and cfg.model.student.name == "resnet20"
+    assert cfg.model.teacher.ckpt == "checkpoints/teachers/resnet56_synthetic.pt"
+    assert "ckpt" not in cfg.model.student
+    assert [p.name for p in CONF.rglob("*.yaml") if "ckpt:" in p.read_text()] == ["config.yaml"]
+
+
+def test_kd_epochs_reaches_schedule_and_there_is_no_second_epoch_key():
     cfg = compose_config(["kd_epochs=7"])
-    assert cfg.trainer.epochs == 7
+    assert "epochs" not in cfg.trainer
     optimizer = instantiate(cfg.optim.optimizer)([torch.nn.Parameter(torch.zeros(1))])
     scheduler = instantiate(cfg.optim.scheduler)(optimizer)
     assert scheduler.T_max == 7
@@ -47,6 +82,11 @@ def test_method_overrides_learning_rate_only_where_it_says():
     assert compose_config(["method=at"]).optim.optimizer.lr == 0.05
     assert compose_config(["method=kd"]).optim.optimizer.lr == 0.1
     assert compose_config(["method=rkd", "optim.optimizer.lr=0.2"]).optim.optimizer.lr == 0.2
+
+
+def test_a_feature_method_taps_what_its_loss_reads():
+    cfg = compose_config(["method=fitnet", "method.loss.feature=stage2"])
+    assert list(cfg.method.taps) == ["stage2"]
 
 
 def test_defaults_are_the_notebooks():

@@ -24,7 +24,7 @@ def test_train_subset_keeps_that_many():
 
 
 def _epoch(loader, epoch):
-    return [(x.clone(), y.clone()) for x, y in loader.epoch(epoch)]
+    return [(b.images.clone(), b.labels.clone(), b.indices.clone()) for b in loader.epoch(epoch)]
 
 
 def test_augmentation_repeats_for_same_seed_and_epoch_and_differs_otherwise():
@@ -43,6 +43,8 @@ def test_loader_keeps_the_last_partial_batch_and_every_image_once():
     batches = _epoch(DeviceLoader(x, y, 64, seed=0), 0)
     assert [len(b[1]) for b in batches] == [64, 64, 22]
     assert sorted(torch.cat([b[1] for b in batches]).tolist()) == sorted(y.tolist())
+    assert sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(150))
+    assert all(torch.equal(y[b[2]], b[1]) for b in batches)
     assert all(0 <= b[0].min() and b[0].max() <= 1 and b[0].dtype == torch.float32 for b in batches)
 
 
@@ -70,7 +72,8 @@ def test_loader_batches_are_the_epochs_crops_in_its_order():
     order = torch.randperm(100, generator=generator)
     dx, dy = torch.randint(0, 9, (2, 100), generator=generator)
     flip = torch.rand(100, generator=generator) < 0.5
-    images, labels = map(torch.cat, zip(*loader.epoch(2)))
+    images, labels, indices = map(torch.cat, zip(*_epoch(loader, 2)))
+    assert torch.equal(indices, order)  # each image's position in the training split travels with it
     for position in (0, 31, 32, 99):
         k = order[position]
         crop = torch.nn.functional.pad(x[k], (4, 4, 4, 4))[:, dy[position]:dy[position] + 32,

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 def _cfg(tmp_path, ckpts, *extra):
     return compose_config([*[o for o in TINY if o != "logger=none"], "logger=wandb", "method=kd", "kd_epochs=1",
-                           "data.source.num_train=200", "model/teacher=resnet20",
+                           "data.source.num_train=200", "model@model.teacher=resnet20",
                            f"model.teacher.ckpt={ckpts['resnet20']}", *extra])
 
 

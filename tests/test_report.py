@@ -192,7 +192,7 @@ def test_bad_latency_settings_are_refused(tmp_path):
 
 # ---------------------------------------------------------------- the report on a real tiny sweep
 
-SWEEP_ARGS = [*TINY, "data.source.num_train=200", "data.source.num_test=100", "kd_epochs=1", "model/teacher=resnet20"]
+SWEEP_ARGS = [*TINY, "data.source.num_train=200", "data.source.num_test=100", "kd_epochs=1", "model@model.teacher=resnet20"]
 METHODS = {"ce": "Cross-entropy baseline (no teacher)", "kd": "Vanilla KD (Hinton et al. 2015)",
            "fitnet": "FitNet-style feature distillation"}
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_sigkill_mid_epoch_then_restart_matches_uninterrupted_run(tmp_path, random_teacher_ckpts):
-    args = [*TINY, "method=fitnet", "kd_epochs=4", "data.source.num_train=1200", "model/teacher=resnet20",
+    args = [*TINY, "method=fitnet", "kd_epochs=4", "data.source.num_train=1200", "model@model.teacher=resnet20",
             f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}"]
     killed_dir, straight_dir = tmp_path / "killed", tmp_path / "straight"
     proc = subprocess.Popen(train_command([*args, f"hydra.run.dir={killed_dir}"]), cwd=tmp_path,

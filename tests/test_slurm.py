@@ -39,7 +39,7 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launch
 
 
 def _teacher(ckpts):
-    return ["model/teacher=resnet20", f"model.teacher.ckpt={ckpts['resnet20']}"]
+    return ["model@model.teacher=resnet20", f"model.teacher.ckpt={ckpts['resnet20']}"]
 
 
 def test_presets_compose_with_their_documented_knobs():

@@ -14,7 +14,7 @@ from kd.run import train
 def test_missing_teacher_is_trained_saved_and_then_loaded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ckpt = tmp_path / "teachers" / "smallnet.pt"
-    overrides = [*TINY, "method=kd", "kd_epochs=1", "model/teacher=smallnet", f"model.teacher.ckpt={ckpt}",
+    overrides = [*TINY, "method=kd", "kd_epochs=1", "model@model.teacher=smallnet", f"model.teacher.ckpt={ckpt}",
                  "teacher_training.epochs=2", "data.source.num_train=1200"]
     results = train(compose_config(overrides))
     saved = torch.load(ckpt, weights_only=False)
@@ -30,7 +30,7 @@ def test_missing_teacher_is_trained_saved_and_then_loaded(tmp_path, monkeypatch)
 
 def test_mismatched_teacher_fails_before_training(random_teacher_ckpts, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = compose_config([*TINY, "model/teacher=resnet56", f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}"])
+    cfg = compose_config([*TINY, "model@model.teacher=resnet56", f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}"])
     with pytest.raises(CheckpointMismatch, match="resnet20.pt does not match CifarResNet"):
         train(cfg)
     assert not (tmp_path / "training-state.pt").exists()
@@ -47,7 +47,7 @@ WORKER = textwrap.dedent("""
     from kd.teacher import load_or_train
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ckpt, me, other = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    cfg = compose_config([*TINY, "model/teacher=smallnet", "model.teacher.ckpt=" + ckpt, "teacher_training.epochs=2"])
+    cfg = compose_config([*TINY, "model@model.teacher=smallnet", "model.teacher.ckpt=" + ckpt, "teacher_training.epochs=2"])
     splits = build_splits(instantiate(cfg.data.source), 0.1, 0, 10, None, torch.device("cpu"))
     me.touch()
     while not other.exists():  # start both at the same moment

@@ -18,7 +18,7 @@ from kd.validation import ConfigError
 
 
 def _common(ckpt, cache_dir, method):
-    return [*TINY, f"method={method}", "kd_epochs=2", "model/teacher=resnet20", f"model.teacher.ckpt={ckpt}",
+    return [*TINY, f"method={method}", "kd_epochs=2", "model@model.teacher=resnet20", f"model.teacher.ckpt={ckpt}",
             f"teacher_cache.dir={cache_dir}"]
 
 
@@ -97,7 +97,7 @@ WORKER = textwrap.dedent("""
         time.sleep(3)
         return compute(*args, **kwargs)
     trainer.compute_epoch = slow_compute
-    cfg = compose_config([*TINY, "method=" + method, "kd_epochs=2", "model/teacher=resnet20",
+    cfg = compose_config([*TINY, "method=" + method, "kd_epochs=2", "model@model.teacher=resnet20",
                           "model.teacher.ckpt=" + ckpt, "teacher_cache.dir=" + cache])
     os.makedirs(method); os.chdir(method)
     Path(me).touch()

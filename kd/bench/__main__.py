@@ -1,7 +1,7 @@
 """python -m kd.bench [Hydra overrides]: measure the harness against the classic loop; print a table, write JSON.
 
     python -m kd.bench                                  # synthetic data of CIFAR-10's shape and size
-    python -m kd.bench bench.images=2000 model/teacher=resnet20
+    python -m kd.bench bench.images=2000 model@model.teacher=resnet20
     python -m kd.bench data=cifar10 bench.images=null   # the real data, whole training split
 
 Settings: conf/bench/default.yaml (bench.*); any key of the run's config can be overridden as for train.py.
@@ -21,11 +21,11 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from kd.bench import measure, report
-from kd.device import Acceleration, resolve_precision
+from kd.config_groups import CONF, options
+from kd.device import resolve_precision
 from kd.io import save_json
 from kd.validation import ConfigError
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 BF16 = ("auto", True, False)
 
 
@@ -66,12 +66,13 @@ def run(argv: list[str]) -> dict:
     if cfg.bench.threads is not None:
         torch.set_num_threads(cfg.bench.threads)
     s = measure.setup(cfg)
+    methods = list(cfg.bench.methods or options("method"))
     plan_bf16, why = bf16_plan(cfg.bench.bf16, s.device)
     out = {"command": "python -m kd.bench " + shlex.join(argv), "environment": environment(s.device),
            "settings": {"images": s.images, "val_images": len(s.splits.val_y), "batch_size": cfg.optim.batch_size,
                         "workers": cfg.bench.workers, "teacher": cfg.model.teacher.name, "teacher_weights": s.teacher_source,
-                        "student": cfg.model.student.name, "data": cfg.data.name, "methods": list(cfg.bench.methods),
-                        "acceleration": dataclasses.asdict(Acceleration.from_config(cfg.trainer))},
+                        "student": cfg.model.student.name, "data": cfg.data.name, "methods": methods,
+                        "acceleration": dataclasses.asdict(s.prepared.acceleration)},
            "targets": OmegaConf.to_container(cfg.bench.targets)}
     say(f"input pipeline, {s.images} images")
     out["pipeline"] = measure.pipeline(cfg, s)
@@ -83,9 +84,9 @@ def run(argv: list[str]) -> dict:
         out["kd_epoch"]["harness_bf16"] = measure.harness_epoch(kd_cfg, s, torch.bfloat16)
     else:
         out["kd_epoch"]["bf16_skipped"] = why
-    say(f"{len(cfg.bench.methods)}-method sweep, one epoch each")
+    say(f"{len(methods)}-method sweep, one epoch each")
     dtype = resolve_precision(cfg.trainer.precision, s.device)  # as train.py would run: bf16 on CUDA, fp32 on CPU
-    out["sweep"] = measure.sweep(lambda m: compose_bench(argv, m), list(cfg.bench.methods), s, dtype, say)
+    out["sweep"] = measure.sweep(lambda m: compose_bench(argv, m), methods, s, dtype, say)
     out["environment"]["load_after"] = os.getloadavg()[0]
     out["ratios"] = report.ratios(out)
     out["json"] = to_absolute_path(cfg.bench.out)

@@ -7,11 +7,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from kd.data import Batch, Progress
 from kd.taps import Outputs, TappedModel
 
 
 class PILImages(Dataset):
-    """A torchvision-style dataset over uint8 NCHW images: (transformed PIL image, int label) per index."""
+    """A torchvision-style dataset over uint8 NCHW images: (transformed PIL image, int label, index) per index."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
         self.hwc = images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
@@ -22,7 +23,7 @@ class PILImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        return self.transform(Image.fromarray(self.hwc[index])), self.labels[index]
+        return self.transform(Image.fromarray(self.hwc[index])), self.labels[index], index
 
 
 def loader(images: torch.Tensor, labels: torch.Tensor, mean, std, batch_size: int, workers: int, train: bool,
@@ -35,24 +36,19 @@ def loader(images: torch.Tensor, labels: torch.Tensor, mean, std, batch_size: in
                       generator=torch.Generator().manual_seed(seed))
 
 
-def plain(model_cfg, model: torch.nn.Module, taps: list[str]) -> TappedModel:
-    """The network with the method's taps (forward hooks, as the notebook had) but no in-model normalisation:
-    the DataLoader's Normalize does that."""
-    return TappedModel(model, [0.0] * 3, [1.0] * 3, {name: model_cfg.taps[name] for name in taps})
-
-
 def train_epoch(student: TappedModel, loss_fn, teacher: TappedModel | None, optimizer, batches,
                 device: torch.device) -> dict:
     """One epoch of the notebook's loop: every step waits for the host (`.item()`), the teacher runs per batch."""
     student.train()
     loss_fn.train()
     running_loss, correct, seen = 0.0, 0, 0
-    for images, labels in batches:
+    for step, (images, labels, indices) in enumerate(batches):
         images, labels = images.to(device), labels.to(device)
         with torch.no_grad():
             target = teacher(images) if teacher is not None else None
         outputs: Outputs = student(images)
-        loss, _ = loss_fn(outputs, target, labels)
+        batch = Batch(images, labels, indices.to(device), Progress(0, step, len(batches), 1))
+        loss = loss_fn(outputs, target, batch).total
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -66,7 +62,7 @@ def accuracy(student: TappedModel, batches, device: torch.device) -> float:
     student.eval()
     correct, seen = 0, 0
     with torch.no_grad():
-        for images, labels in batches:
+        for images, labels, _ in batches:
             images, labels = images.to(device), labels.to(device)
             correct += (student(images).logits.argmax(1) == labels).sum().item()
             seen += len(labels)

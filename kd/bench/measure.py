@@ -16,13 +16,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from kd import run, teacher_cache
 from kd import teacher as teachers
-from kd import teacher_cache
 from kd.bench import classic
 from kd.checkpoints import load_weights
-from kd.data import DeviceLoader, Splits, build_splits
-from kd.device import Acceleration, resolve_device, synchronize
-from kd.run import probe_feature_shapes
+from kd.data import DeviceLoader, Splits
+from kd.device import synchronize
 from kd.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -32,11 +31,15 @@ log = logging.getLogger(__name__)
 class Setup:
     """What every measurement shares: device, data (cut to the benchmark's size) and the teacher's weights."""
 
-    device: torch.device
+    prepared: run.Prepared
     splits: Splits
     teacher_state: dict
     teacher_source: str
     images: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.prepared.device
 
 
 def timed(device: torch.device, fn: Callable):
@@ -48,10 +51,8 @@ def timed(device: torch.device, fn: Callable):
 
 
 def setup(cfg: DictConfig) -> Setup:
-    device = resolve_device(cfg.device)
-    data = cfg.data
-    splits = build_splits(instantiate(data.source), data.val_fraction, data.split_seed, data.num_classes,
-                          cfg.bench.images, device)
+    prepared = run.prepare(cfg)
+    splits = run.load_splits(cfg, prepared.device, cfg.bench.images)
     splits.val_x, splits.val_y = splits.val_x[:cfg.bench.val_images], splits.val_y[:cfg.bench.val_images]
     path = teachers.checkpoint_path(cfg.model.teacher)
     torch.manual_seed(cfg.seed)
@@ -61,20 +62,17 @@ def setup(cfg: DictConfig) -> Setup:
         source = str(path)
     else:  # the benchmark times the teacher, it does not need it trained
         source = f"random weights (no checkpoint at {path})"
-    return Setup(device, splits, model.state_dict(), source, len(splits.train_y))
+    return Setup(prepared, splits, model.state_dict(), source, len(splits.train_y))
 
 
 def _networks(cfg: DictConfig, s: Setup, plain: bool):
-    """(student, loss, teacher or None) for cfg's method; plain: without in-model normalisation (classic)."""
-    taps = list(cfg.method.taps)
+    """(student, loss, teacher or None) for cfg's method, built as a run builds them; plain: without in-model
+    normalisation (the classic loop normalises in its DataLoader)."""
     teacher_model = instantiate(cfg.model.teacher.arch)
     teacher_model.load_state_dict(s.teacher_state)
     teacher_model.to(s.device).eval().requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    student_model = instantiate(cfg.model.student.arch).to(s.device)
-    wrap = classic.plain if plain else teachers.tapped
-    student, teacher = wrap(cfg.model.student, student_model, taps), wrap(cfg.model.teacher, teacher_model, taps)
-    loss = instantiate(cfg.method.loss, feature_shapes=probe_feature_shapes(student, teacher, s.device)).to(s.device)
+    prepared = run.prepare(cfg)
+    student, teacher, loss = run.build_networks(cfg, prepared, teacher_model, s.splits.train_y, normalize=not plain)
     return student, loss, teacher if loss.needs_teacher else None
 
 
@@ -92,8 +90,8 @@ def pipeline(cfg: DictConfig, s: Setup) -> dict:
     def harness() -> int:
         n = 0
         for epoch in range(cfg.bench.pipeline_epochs):
-            for images, _ in loader.epoch(epoch):
-                images = (images - mean) / std  # the harness normalises inside the model; counted here
+            for batch in loader.epoch(epoch):
+                images = (batch.images - mean) / std  # the harness normalises inside the model; counted here
                 n += 1
         return n
     count, seconds = timed(s.device, harness)
@@ -103,7 +101,7 @@ def pipeline(cfg: DictConfig, s: Setup) -> dict:
 
 def _drain(batches, device: torch.device) -> int:
     n = 0
-    for images, _ in batches:
+    for images, _, _ in batches:
         images.to(device, non_blocking=True)  # where the training loop would need them
         n += 1
     return n
@@ -134,12 +132,12 @@ def classic_epoch(cfg: DictConfig, s: Setup) -> dict:
 def harness_epoch(cfg: DictConfig, s: Setup, dtype: torch.dtype, cache_dir: str | None = None) -> dict:
     """`Trainer.fit` for one epoch (training and its validation pass), optionally with the teacher cache."""
     student, loss, teacher = _networks(cfg, s, plain=False)
-    acceleration = Acceleration.from_config(cfg.trainer)
+    acceleration = s.prepared.acceleration
     cache = None
     if cache_dir is not None and teacher is not None:
         weights_sha256 = teacher_cache.tensors_sha256(*s.teacher_state.values())  # the weights may be random
         cache = teacher_cache.for_run(cfg, s.splits, weights_sha256, s.device, dtype, acceleration, cache_dir)
-    trainer = Trainer(student, loss, teacher, s.splits, cfg.optim, 1, cfg.seed, dtype, cfg.trainer.eval_batch_size,
+    trainer = Trainer(student, loss, teacher, s.splits, cfg.optim, cfg.kd_epochs, cfg.seed, dtype, cfg.trainer.eval_batch_size,
                       label=cfg.method.name, progress=False, teacher_cache=cache,
                       acceleration=acceleration)
     result, seconds = timed(s.device, trainer.fit)

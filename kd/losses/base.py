@@ -1,37 +1,112 @@
-"""The contract every method's loss follows."""
+"""The contract every method's loss follows, and how the harness builds one from its YAML."""
 from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd.taps import Outputs
+from kd.data import Batch
+from kd.taps import Outputs, TappedModel
 
 FeatureShapes = dict[str, dict[str, tuple[int, ...]]]
 """{"student": {"feat": (C, H, W)}, "teacher": {...}}: shapes of the tapped features, per sample."""
 
+PROVIDED = ("feature_shapes", "num_classes", "num_train", "train_labels", "teacher_model")
+"""Constructor arguments the harness fills in when a loss names them (never written in the YAML):
+`feature_shapes` (measured with one probe batch), `num_classes`, `num_train` (training images: the size of a
+memory bank indexed by `batch.indices`), `train_labels` (the label of every training image, by index) and
+`teacher_model` (the frozen teacher network, for a loss that reads its parameters, e.g. BatchNorm statistics;
+read them in `__init__`: the trainer may fold the teacher's BatchNorms into its convolutions afterwards)."""
+
+
+class LossParts(NamedTuple):
+    """A loss's value, split so an optimizer can treat the two gradients apart and the log can show both.
+
+    `task`: the weighted task loss (cross-entropy on the labels); `distillation`: the weighted sum of every
+    term that involves the teacher; `terms`: named, unweighted values for the log.
+    """
+
+    task: torch.Tensor
+    distillation: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.task + self.distillation
+
+
+@dataclass
+class Preparation:
+    """What a loss's `prepare` gets: the student, the training batches of an epoch with the frozen teacher's
+    outputs for them (from the shared cache when it has them), the run's autocast, and the run's log."""
+
+    student: TappedModel
+    batches: Callable[[int], Iterable[tuple[Batch, Outputs]]]
+    autocast: Callable[[], ContextManager]
+    log: Callable[[str], None]
+
 
 class DistillationLoss(nn.Module):
-    """A method = one of these: (student outputs, teacher outputs, labels) -> (total loss, named terms).
+    """A method = one of these: (student outputs, teacher outputs, batch) -> LossParts.
 
-    Subclasses take their hyperparameters as constructor arguments (given in `conf/method/<name>.yaml`) and
-    `feature_shapes`, which the trainer measures with one probe batch, so trainable parts (projectors, heads)
-    can be sized for any teacher/student pair. Trainable parts live in the loss and are optimised with the
-    student. `teacher` is None when the loss declares `needs_teacher = False`.
+    Subclasses take their hyperparameters as constructor arguments, all given in `conf/method/<name>.yaml`,
+    plus any of `PROVIDED` they need. Trainable parts (projectors, heads) and buffers (memory banks) live in
+    the loss: they are optimised with the student and saved in `student.pt` and the training state.
+    `teacher` is None when the loss declares `needs_teacher = False`. `batch.progress` says where the step
+    sits in the run (for warm-ups: `kd.losses.schedule.ramp`).
     """
 
     needs_teacher = True
 
-    def __init__(self, feature_shapes: FeatureShapes | None = None):
-        super().__init__()
-        self.epoch, self.num_epochs = 0, 1
-
-    def start_epoch(self, epoch: int, num_epochs: int) -> None:
-        """Called by the trainer before each epoch (0-based), for schedules such as a ramped weight."""
-        self.epoch, self.num_epochs = epoch, num_epochs
-
-    def forward(self, student: Outputs, teacher: Outputs | None, labels: torch.Tensor):
+    def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> LossParts:
         raise NotImplementedError
+
+    def prepare(self, preparation: Preparation) -> None:
+        """Runs once, before the student's first epoch (a pre-training stage: FT's paraphraser, AB's
+        initialisation). Its time is reported apart from the student's; a run killed during it redoes it."""
+
+    @property
+    def has_preparation(self) -> bool:
+        return type(self).prepare is not DistillationLoss.prepare
+
+    def scale_note(self) -> str | None:
+        """How strongly the loss's weight acts for these feature shapes, printed at the start of a run."""
+        return None
+
+
+def loss_factory(loss_cfg: DictConfig) -> Callable[..., DistillationLoss]:
+    """The loss class with its YAML arguments bound; call it with the `PROVIDED` values it asks for.
+
+    Checks, without building anything, that `_target_` imports and that every argument in the YAML is one
+    the class takes and none it needs is missing, so a misspelt method YAML fails before any teacher work.
+    """
+    try:
+        partial = instantiate(loss_cfg, _partial_=True)
+    except InstantiationException as err:
+        raise ValueError(f"method.loss: {err}") from None
+    cls = partial.func
+    parameters = inspect.signature(cls).parameters
+    given = set(OmegaConf.to_container(loss_cfg)) - {"_target_", "_partial_"}
+    accepted = [p for p in parameters if p not in PROVIDED]
+    unknown = sorted(given - set(parameters))
+    if unknown:
+        raise ValueError(f"method.loss: {cls.__name__} takes no argument {unknown}; its arguments are {accepted}")
+    missing = sorted(name for name, p in parameters.items() if p.default is inspect.Parameter.empty
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in given | set(PROVIDED))
+    if missing:
+        raise ValueError(f"method.loss: {cls.__name__} needs {missing}; set them in the method's YAML")
+
+    def build(**provided) -> DistillationLoss:
+        return partial(**{name: value for name, value in provided.items() if name in parameters})
+    build.loss_class = cls
+    return build
 
 
 def pooled(features: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 import torch.nn.functional as F
 
-from kd.losses.base import DistillationLoss
+from kd.losses.base import DistillationLoss, LossParts
 
 
 class CrossEntropy(DistillationLoss):
@@ -8,6 +8,6 @@ class CrossEntropy(DistillationLoss):
 
     needs_teacher = False
 
-    def forward(self, student, teacher, labels):
-        ce = F.cross_entropy(student.logits, labels)
-        return ce, {"ce": ce}
+    def forward(self, student, teacher, batch):
+        ce = F.cross_entropy(student.logits, batch.labels)
+        return LossParts(ce, ce.new_zeros(()), {"ce": ce})

@@ -1,6 +1,6 @@
 import torch.nn.functional as F
 
-from kd.losses.base import DistillationLoss
+from kd.losses.base import DistillationLoss, LossParts
 
 
 class HardLabelKD(DistillationLoss):
@@ -9,11 +9,11 @@ class HardLabelKD(DistillationLoss):
     loss = beta * CE(z_s, argmax z_t) + (1 - beta) * CE(z_s, y)
     """
 
-    def __init__(self, beta: float, feature_shapes=None):
+    def __init__(self, beta: float):
         super().__init__()
         self.beta = beta
 
-    def forward(self, student, teacher, labels):
-        ce = F.cross_entropy(student.logits, labels)
+    def forward(self, student, teacher, batch):
+        ce = F.cross_entropy(student.logits, batch.labels)
         ce_teacher = F.cross_entropy(student.logits, teacher.logits.argmax(1))
-        return self.beta * ce_teacher + (1 - self.beta) * ce, {"ce": ce, "ce_teacher": ce_teacher}
+        return LossParts((1 - self.beta) * ce, self.beta * ce_teacher, {"ce": ce, "ce_teacher": ce_teacher})

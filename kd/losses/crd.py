@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.losses.base import DistillationLoss, pooled
+from kd.losses.base import DistillationLoss, LossParts, pooled
 
 
 def projection_head(in_features: int, width: int, out_features: int) -> nn.Module:
@@ -18,17 +18,16 @@ class InBatchCRD(DistillationLoss):
     loss = CE(z_s, y) + weight * CRD. Both heads are trained with the student.
     """
 
-    def __init__(self, tau: float, weight: float, head_width: int, embed_dim: int, feature_shapes,
-                 feature: str = "feat"):
+    def __init__(self, tau: float, weight: float, head_width: int, embed_dim: int, feature: str, feature_shapes):
         super().__init__()
         self.tau, self.weight, self.feature = tau, weight, feature
         self.student_head = projection_head(feature_shapes["student"][feature][0], head_width, embed_dim)
         self.teacher_head = projection_head(feature_shapes["teacher"][feature][0], head_width, embed_dim)
 
-    def forward(self, student, teacher, labels):
+    def forward(self, student, teacher, batch):
         e_s = F.normalize(self.student_head(pooled(student.features[self.feature])), dim=1)
         e_t = F.normalize(self.teacher_head(pooled(teacher.features[self.feature])), dim=1)
         similarity = e_s @ e_t.t() / self.tau
         crd = F.cross_entropy(similarity, torch.arange(len(similarity), device=similarity.device))
-        ce = F.cross_entropy(student.logits, labels)
-        return ce + self.weight * crd, {"ce": ce, "crd": crd}
+        ce = F.cross_entropy(student.logits, batch.labels)
+        return LossParts(ce, self.weight * crd, {"ce": ce, "crd": crd})

@@ -1,6 +1,6 @@
 import torch.nn.functional as F
 
-from kd.losses.base import DistillationLoss
+from kd.losses.base import DistillationLoss, LossParts
 
 
 class FocalKD(DistillationLoss):
@@ -10,14 +10,14 @@ class FocalKD(DistillationLoss):
     loss = CE(z_s, y) + weight * FKD
     """
 
-    def __init__(self, temperature: float, gamma: float, weight: float, feature_shapes=None):
+    def __init__(self, temperature: float, gamma: float, weight: float):
         super().__init__()
         self.temperature, self.gamma, self.weight = temperature, gamma, weight
 
-    def forward(self, student, teacher, labels):
-        ce = F.cross_entropy(student.logits, labels)
+    def forward(self, student, teacher, batch):
+        ce = F.cross_entropy(student.logits, batch.labels)
         log_ps = F.log_softmax(student.logits / self.temperature, dim=1)
         log_pt = F.log_softmax(teacher.logits / self.temperature, dim=1)
         focal = (1 - log_ps.exp()).pow(self.gamma)
         fkd = self.temperature**2 * (focal * log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
-        return ce + self.weight * fkd, {"ce": ce, "fkd": fkd}
+        return LossParts(ce, self.weight * fkd, {"ce": ce, "fkd": fkd})

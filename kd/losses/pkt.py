@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from kd.losses.base import DistillationLoss, pooled
+from kd.losses.base import DistillationLoss, LossParts, pooled
 
 
 def neighbour_log_probs(x: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -19,16 +19,16 @@ class PKT(DistillationLoss):
     PKT = mean_i KL(P_t,i || P_s,i); loss = CE(z_s, y) + weight * PKT.
     """
 
-    def __init__(self, temperature: float, weight: float, feature: str = "feat", feature_shapes=None):
+    def __init__(self, temperature: float, weight: float, feature: str):
         super().__init__()
         self.temperature, self.weight, self.feature = temperature, weight, feature
 
-    def forward(self, student, teacher, labels):
-        ce = F.cross_entropy(student.logits, labels)
+    def forward(self, student, teacher, batch):
+        ce = F.cross_entropy(student.logits, batch.labels)
         s, t = pooled(student.features[self.feature]), pooled(teacher.features[self.feature])
         if len(s) < 2:
             pkt = s.sum() * 0.0
         else:
             log_ps, log_pt = neighbour_log_probs(s, self.temperature), neighbour_log_probs(t, self.temperature)
             pkt = F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean")
-        return ce + self.weight * pkt, {"ce": ce, "pkt": pkt}
+        return LossParts(ce, self.weight * pkt, {"ce": ce, "pkt": pkt})

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from kd.losses.base import DistillationLoss, pooled
+from kd.losses.base import DistillationLoss, LossParts, pooled
 
 
 def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
@@ -50,14 +50,14 @@ class RKD(DistillationLoss):
     of all triplet angles.
     """
 
-    def __init__(self, distance_weight: float, angle_weight: float, feature: str = "feat", feature_shapes=None):
+    def __init__(self, distance_weight: float, angle_weight: float, feature: str):
         super().__init__()
         self.distance_weight, self.angle_weight, self.feature = distance_weight, angle_weight, feature
 
-    def forward(self, student, teacher, labels):
+    def forward(self, student, teacher, batch):
         s = F.normalize(pooled(student.features[self.feature]), dim=1)
         t = F.normalize(pooled(teacher.features[self.feature]), dim=1)
         distance, angle = distance_term(s, t), angle_term(s, t)
-        ce = F.cross_entropy(student.logits, labels)
-        total = ce + self.distance_weight * distance + self.angle_weight * angle
-        return total, {"ce": ce, "distance": distance, "angle": angle}
+        ce = F.cross_entropy(student.logits, batch.labels)
+        distillation = self.distance_weight * distance + self.angle_weight * angle
+        return LossParts(ce, distillation, {"ce": ce, "distance": distance, "angle": angle})

@@ -2,21 +2,29 @@
 from torch import nn
 
 
-def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _stage(widths: list[int]) -> nn.Sequential:
+    """(conv3x3-BN-ReLU) per width, then 2x2 max-pool before the last ReLU.
+
+    Max-pooling commutes with ReLU, so this is the notebook's conv-BN-ReLU-...-pool exactly (same outputs, same
+    state-dict keys), and the input of the last ReLU is the stage's pre-activation, tappable by name.
+    """
+    layers: list[nn.Module] = []
+    for cin, cout in zip(widths, widths[1:]):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*layers[:-1], nn.MaxPool2d(2), nn.ReLU())
 
 
 class SmallNet(nn.Module):
     """conv32-conv32-pool-conv64-conv64-pool-conv128-pool (each conv with BN+ReLU), GAP, linear.
 
-    `stage3` outputs the last feature map (128x4x4 for 32x32 inputs).
+    `stage1..3` end at 32x16x16, 64x8x8 and 128x4x4 for 32x32 inputs.
     """
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
-        self.stage1 = nn.Sequential(*_conv_bn_relu(3, 32), *_conv_bn_relu(32, 32), nn.MaxPool2d(2))
-        self.stage2 = nn.Sequential(*_conv_bn_relu(32, 64), *_conv_bn_relu(64, 64), nn.MaxPool2d(2))
-        self.stage3 = nn.Sequential(*_conv_bn_relu(64, 128), nn.MaxPool2d(2))
+        self.stage1 = _stage([3, 32, 32])
+        self.stage2 = _stage([32, 64, 64])
+        self.stage3 = _stage([64, 128])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(128, num_classes)
 

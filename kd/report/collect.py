@@ -1,20 +1,19 @@
 """Finding the jobs of one or more sweeps, and what state each one is in.
 
 A job is any folder with `.hydra/config.yaml`. One without `results.json` still becomes a row (failed or
-missing), so the report never drops a job silently.
+missing, as its `status.json` says), so the report never drops a job silently.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kd import run_folder
 from kd.io import load_json
+from kd.run_folder import CONFIG, HYDRA, RESULTS, STATE, STUDENT, read_status
 
-CONFIG, HYDRA, RESULTS, STUDENT, STATE = (".hydra/config.yaml", ".hydra/hydra.yaml", "results.json",
-                                          "student.pt", "training-state.pt")
 OK, FAILED, MISSING = "ok", "failed", "missing"
 
 
@@ -91,28 +90,17 @@ def job_status(folder: Path, results: dict | None) -> tuple[str, str]:
         return OK, ""
     if results is not None:
         return FAILED, f"{RESULTS} exists but {STUDENT} is missing"
-    error = last_error(folder)
-    if error:
-        return FAILED, error
-    epochs = finished_epochs(folder)
+    status = read_status(folder) or {}
+    if status.get("state") == run_folder.FAILED:
+        return FAILED, status.get("error", "")
+    if status.get("state") == "unreadable":
+        return MISSING, f"no {RESULTS}; {status['error']}"
+    epochs = status.get("epochs_done", 0)
     state = f"; {STATE} is there" if (folder / STATE).is_file() else ""
-    return MISSING, (f"no {RESULTS} and no error in the log after {epochs} finished epoch(s){state}: "
+    last = (f" (last status: {status['state']} on {status.get('host')}, pid {status.get('pid')}, "
+            f"{status.get('updated')})") if status else ""
+    return MISSING, (f"no {RESULTS} and no error recorded after {epochs} finished epoch(s){state}{last}: "
                      "the job was killed or is still running")
-
-
-def _logs(folder: Path) -> list[str]:
-    return [p.read_text(errors="replace") for p in sorted(folder.glob("*.log"))]
-
-
-def last_error(folder: Path) -> str:
-    """The last ERROR line of the job's log (train.py logs the exception that ended the run), if any."""
-    errors = [line.split("] - ", 1)[-1] for text in _logs(folder) for line in text.splitlines()
-              if "][ERROR]" in line]
-    return errors[-1] if errors else ""
-
-
-def finished_epochs(folder: Path) -> int:
-    return max((int(m) for text in _logs(folder) for m in re.findall(r"epoch\s+(\d+)/\d+", text)), default=0)
 
 
 def label_variants(jobs: list[Job]) -> None:

@@ -19,9 +19,10 @@ from kd.checkpoints import load_weights
 from kd.data import build_splits
 from kd.device import resolve_precision
 from kd.evaluation import predict_logits
-from kd.report.collect import STUDENT, Job
+from kd.report.collect import Job
 from kd.report.complexity import complexity
-from kd.teacher import tapped
+from kd.run_folder import STUDENT
+from kd.taps import tapped
 
 
 @dataclass

@@ -9,19 +9,19 @@ from pathlib import Path
 import pandas as pd
 
 from kd.report.collect import Job
+from kd.run_folder import wandb_group
 
 log = logging.getLogger(__name__)
 WANDB_LOGGER = "kd.loggers.WandbLogger"
 
 
 def sweep_group(job: Job) -> str:
-    """The group the jobs logged to: as kd.run names it (the sweep folder's last two parts), unless configured."""
+    """The group the jobs logged to, unless configured: as the run named it (kd.run_folder.wandb_group)."""
     if job.cfg.logger.get("group"):
         return str(job.cfg.logger.group)
-    hydra = job.hydra.hydra if job.hydra is not None else None
-    if hydra is not None and hydra.mode == "MULTIRUN":
-        return "/".join(Path(hydra.sweep.dir).parts[-2:])
-    return "/".join(Path(hydra.runtime.output_dir if hydra is not None else job.folder).parts[-2:])
+    if job.hydra is None:
+        return "/".join(job.folder.parts[-2:])
+    return wandb_group(job.hydra.hydra, job.folder)
 
 
 def log_report(jobs: list[Job], tables: dict[str, pd.DataFrame], plots: dict[str, Path], folder: Path,

@@ -1,0 +1,22 @@
+"""Warm-up schedules shared by every loss whose weight grows at the start of training."""
+from __future__ import annotations
+
+from kd.data import Progress
+
+
+def ramp(progress: Progress | None, epochs: float | None = None, fraction: float | None = None) -> float:
+    """Linear warm-up factor: t / R after t epochs of training (counted per step), 1 from t = R on.
+
+    R is `epochs`, or `fraction` of the run's epochs (so a warm-up of 20 of 240 epochs is `fraction=1/12`,
+    whatever `kd_epochs` is). R = 0: no warm-up. Because t advances per step, a one-epoch run still ramps.
+    At the end of epoch e (1-based) the factor is min(1, e / R). Without progress (a loss evaluated outside
+    training) the factor is 1.
+    """
+    if (epochs is None) == (fraction is None):
+        raise ValueError("ramp: give exactly one of epochs or fraction")
+    if progress is None:
+        return 1.0
+    length = epochs if epochs is not None else fraction * progress.epochs
+    if length <= 0:
+        return 1.0
+    return min(1.0, progress.epochs_done / length)
