@@ -12,8 +12,11 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from hydra.utils import to_absolute_path
+
+from kd.io import tensors_sha256
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,12 @@ def cifar10(root: str, download: bool = True) -> Arrays:
     return (*arrays(train), *arrays(test))
 
 
-def imagefolder(root: str | None) -> Arrays:
-    """`root/train/<class>/*` and `root/test/<class>/*`; class index = position in the sorted folder names."""
+def imagefolder(root: str | None, num_classes: int) -> Arrays:
+    """`root/train/<class>/*` and `root/test/<class>/*`; class index = position in the sorted folder names.
+
+    Hidden files and folders (names starting with `.`, e.g. `.DS_Store`) are skipped; anything else in a class
+    folder must be an image of the same size as all the others.
+    """
     if not root:
         raise DataError(f"data=imagefolder needs data.root (a folder with train/ and test/); got {root!r}")
     root_path = Path(to_absolute_path(root))
@@ -57,20 +64,55 @@ def imagefolder(root: str | None) -> Arrays:
             f"data.root={str(root_path)!r} has no {' or '.join(m + '/' for m in missing)} folder; "
             f"expected root/train/<class>/* and root/test/<class>/*. Offline alternatives: {OFFLINE_CHOICES}."
         )
-    train_classes = sorted(p.name for p in (root_path / "train").iterdir() if p.is_dir())
-    test_classes = sorted(p.name for p in (root_path / "test").iterdir() if p.is_dir())
+    train_classes, test_classes = (_class_folders(root_path / split) for split in ("train", "test"))
     if train_classes != test_classes:
         raise DataError(f"train/ and test/ under {root_path} have different classes: {train_classes} vs {test_classes}")
-    return (*_decode_folder(root_path / "train", train_classes), *_decode_folder(root_path / "test", test_classes))
+    if len(train_classes) != num_classes:
+        raise DataError(f"{root_path / 'train'} has {len(train_classes)} class folders ({', '.join(train_classes)}) "
+                        f"but data.num_classes={num_classes}; set data.num_classes={len(train_classes)}")
+    train = _decode_folder(root_path / "train", train_classes)
+    test = _decode_folder(root_path / "test", train_classes, like=train[0][0])
+    return (*train, *test)
 
 
-def _decode_folder(folder: Path, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_image
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
+
+def _class_folders(split: Path) -> list[str]:
+    classes = [p.name for p in _visible(split) if p.is_dir()]
+    if not classes:
+        found = ", ".join(p.name for p in _visible(split)[:5]) or "nothing"
+        raise DataError(f"{split} has no class folders (found {found}); expected {split}/<class>/<image files>")
+    return classes
+
+
+def _decode(file: Path) -> torch.Tensor:
+    """One image file as uint8 CHW RGB (Pillow; the same pixels torchvision's decoder gives)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"cannot read {file} as an image ({err}); class folders may hold only image files "
+                        "(hidden files, whose names start with '.', are skipped)") from None
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def _decode_folder(folder: Path, classes: list[str], like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     for index, name in enumerate(classes):
-        for file in sorted((folder / name).iterdir()):
-            images.append(decode_image(str(file), mode=ImageReadMode.RGB))
+        files = _visible(folder / name)
+        if not files:
+            raise DataError(f"class folder {folder / name} holds no images")
+        for file in files:
+            image = _decode(file)
+            reference = like if like is not None else (images[0] if images else image)
+            if image.shape != reference.shape:
+                raise DataError(f"{file} is {image.shape[2]}x{image.shape[1]} but the other images are "
+                                f"{reference.shape[2]}x{reference.shape[1]}; every image must have the same size")
+            images.append(image)
             labels.append(index)
     log.info("decoded %d images from %s", len(images), folder)
     return torch.stack(images), torch.tensor(labels)
@@ -111,6 +153,7 @@ class Splits:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    source_sha256: str = ""  # of every image and label the source gave (before the split): the data's identity
 
 
 def build_splits(arrays: Arrays, val_fraction: float, split_seed: int, num_classes: int,
@@ -131,7 +174,7 @@ def build_splits(arrays: Arrays, val_fraction: float, split_seed: int, num_class
         raise DataError(f"the data has {found} classes but data.num_classes={num_classes}")
     to = lambda t: t.to(device)  # noqa: E731
     return Splits(to(train_x[train_idx]), to(train_y[train_idx]), to(train_x[val_idx]), to(train_y[val_idx]),
-                  to(test_x), to(test_y), num_classes)
+                  to(test_x), to(test_y), num_classes, tensors_sha256(*arrays))
 
 
 @dataclass(frozen=True)

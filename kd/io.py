@@ -1,5 +1,10 @@
-"""Atomic file writes: a reader (or a job killed mid-write) never sees a half-written file."""
+"""Atomic file writes: a reader (or a job killed mid-write) never sees a half-written file.
+
+Files get the permissions any new file would get under the process's umask (a temporary file starts at
+0600), so a team sharing a cluster filesystem can read each other's results, students and teachers.
+"""
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -13,11 +18,18 @@ from filelock import FileLock, Timeout
 log = logging.getLogger(__name__)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -57,3 +69,19 @@ def exclusive(lock_path: str | Path, waiting_message: str):
         yield
     finally:
         lock.release()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensors_sha256(*tensors: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(str((t.dtype, tuple(t.shape))).encode())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,4 +1,9 @@
-"""Experiment loggers: W&B (offline by default) or none. A logger failure warns; training goes on."""
+"""Experiment loggers: W&B (offline by default) or none. A logger failure warns; training goes on.
+
+A W&B run that cannot reach its server within `init_timeout` seconds logs offline instead (syncable later
+with `wandb sync`) and says so in train.log. A run resumed in the same folder continues the same W&B run: the
+id is recorded in the run folder at its first launch.
+"""
 from __future__ import annotations
 
 import functools
@@ -10,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 class NoLogger:
-    def start(self, config: dict, run_dir: Path, group: str, name: str) -> None:
+    def start(self, config: dict, run_dir: Path, group: str, name: str, run_id: str) -> None:
         pass
 
     def log_epoch(self, record: dict) -> None:
@@ -32,7 +37,9 @@ def _never_raise(method):
             return method(self, *args, **kwargs)
         except Exception as err:  # W&B must never take a training run down with it
             self.failed = True
-            warnings.warn(f"W&B logging disabled for this run after an error in {method.__name__}: {err}")
+            message = f"W&B logging disabled for this run after an error in {method.__name__}: {err}"
+            log.warning("%s", message)  # into train.log too
+            warnings.warn(message)
             return None
     return guarded
 
@@ -53,19 +60,32 @@ class WandbLogger(NoLogger):
     `group` defaults to the sweep (all jobs of one multirun together), `name` to the method.
     """
 
-    def __init__(self, project: str, mode: str = "offline", entity: str | None = None, group: str | None = None,
-                 name: str | None = None, tags: list[str] | None = None):
+    def __init__(self, project: str, mode: str, init_timeout: float, entity: str | None = None,
+                 group: str | None = None, name: str | None = None, tags: list[str] | None = None):
         self.settings = dict(project=project, mode=mode, entity=entity, group=group, name=name, tags=tags)
+        self.init_timeout = init_timeout
         self.run, self.failed = None, False
 
     @_never_raise
-    def start(self, config: dict, run_dir: Path, group: str, name: str) -> None:
+    def start(self, config: dict, run_dir: Path, group: str, name: str, run_id: str) -> None:
         import wandb
 
         s = self.settings
-        self.run = wandb.init(project=s["project"], entity=s["entity"], mode=s["mode"], config=config,
-                              group=s["group"] or group, name=s["name"] or name, tags=s["tags"],
-                              dir=str(run_dir), reinit="finish_previous")
+        init = functools.partial(wandb.init, project=s["project"], entity=s["entity"], config=config,
+                                 group=s["group"] or group, name=s["name"] or name, tags=s["tags"], id=run_id,
+                                 resume="allow", dir=str(run_dir), reinit="finish_previous",
+                                 settings=wandb.Settings(init_timeout=self.init_timeout))
+        try:
+            self.run = init(mode=s["mode"])
+        except Exception as err:
+            if s["mode"] != "online":
+                raise
+            log.warning("W&B: could not start the online run within logger.init_timeout=%gs (%s: %s); logging "
+                        "offline into %s instead; upload it later with `wandb sync %s/wandb/offline-run-*`",
+                        self.init_timeout, type(err).__name__, str(err).splitlines()[0] if str(err) else "",
+                        run_dir / "wandb", run_dir)
+            wandb.teardown()  # the failed online attempt still holds the run id in this process
+            self.run = init(mode="offline")
 
     @_never_raise
     def log_epoch(self, record: dict) -> None:

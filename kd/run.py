@@ -22,7 +22,8 @@ from kd.device import Acceleration, resolve_device, resolve_precision
 from kd.evaluation import accuracy
 from kd.io import load_json, save_json, save_torch
 from kd.losses.base import DistillationLoss, loss_factory
-from kd.run_folder import FAILED, FINISHED, RESULTS, RUNNING, STATE, STUDENT, wandb_group, write_status
+from kd.run_folder import (FAILED, FINISHED, RESULTS, RUNNING, STATE, STUDENT, claim, decisive_config, owned,
+                           wandb_group, write_status)
 from kd.taps import TappedModel, probe_shapes, resolve, tapped
 from kd.trainer import Trainer
 from kd.validation import ConfigError, validate
@@ -86,23 +87,50 @@ def run_dir_and_group() -> tuple[Path, str]:
     return out, wandb_group(hc, out)
 
 
+def hydra_files(cfg: DictConfig) -> dict[str, str]:
+    """The `.hydra` files of this launch, as Hydra writes them, from the run's own config."""
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    return {".hydra/config.yaml": OmegaConf.to_yaml(cfg), ".hydra/hydra.yaml": OmegaConf.to_yaml({"hydra": hc}),
+            ".hydra/overrides.yaml": OmegaConf.to_yaml(list(hc.overrides.task))}
+
+
 def train(cfg: DictConfig) -> dict:
     log.info("%s", cfg.method.display_name)
     run_dir, group = run_dir_and_group()
-    if (run_dir / RESULTS).exists():
-        log.info("%s already holds finished results; not training again", run_dir / RESULTS)
-        return load_json(run_dir / RESULTS)
-    write_status(run_dir, RUNNING)
+    with owned(run_dir):
+        config = decisive_config(cfg)
+        record = claim(run_dir, config, (run_dir / RESULTS).exists() or (run_dir / STATE).exists(), hydra_files(cfg))
+        finished = finished_results(run_dir)
+        if finished is not None:
+            log.info("%s already holds finished results; not training again", run_dir / RESULTS)
+            return finished
+        write_status(run_dir, RUNNING)
+        try:
+            results = _train(cfg, run_dir, group, record)
+        except Exception as err:
+            write_status(run_dir, FAILED, error=f"{type(err).__name__}: {err}")
+            raise
+        write_status(run_dir, FINISHED, epochs_done=len(results["history"]))
+        return results
+
+
+def finished_results(run_dir: Path) -> dict | None:
+    """The folder's results, or None; an unreadable results.json is moved aside, so the run trains again."""
+    path = run_dir / RESULTS
+    if not path.exists():
+        return None
     try:
-        results = _train(cfg, run_dir, group)
-    except Exception as err:
-        write_status(run_dir, FAILED, error=f"{type(err).__name__}: {err}")
-        raise
-    write_status(run_dir, FINISHED, epochs_done=len(results["history"]))
-    return results
+        return load_json(path)
+    except ValueError as err:
+        aside = path.with_name(RESULTS + ".corrupt")
+        path.rename(aside)
+        log.warning("%s is unreadable (%s); moved it to %s and training the run again", path, err, aside)
+        return None
 
 
-def _train(cfg: DictConfig, run_dir: Path, group: str) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     prepared = prepare(cfg)
     device, dtype = prepared.device, prepared.dtype
     splits = load_splits(cfg, device, cfg.data.train_subset)
@@ -119,7 +147,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str) -> dict:
     cache = teacher_cache.from_config(cfg, splits, teachers.checkpoint_path(cfg.model.teacher), device, dtype,
                                       prepared.acceleration) if loss_fn.needs_teacher else None
     logger = instantiate(cfg.logger)
-    logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir, group, cfg.method.name)
+    logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir, group, cfg.method.name, record["wandb_id"])
 
     def on_epoch(record: dict) -> None:
         logger.log_epoch(record)
@@ -128,7 +156,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str) -> dict:
     trainer = Trainer(student, loss_fn, teacher if loss_fn.needs_teacher else None, splits, cfg.optim,
                       cfg.kd_epochs, cfg.seed, dtype, cfg.trainer.eval_batch_size, label=cfg.method.name,
                       state_path=run_dir / STATE, on_epoch=on_epoch, progress=cfg.trainer.progress_bar,
-                      teacher_cache=cache, acceleration=prepared.acceleration)
+                      teacher_cache=cache, acceleration=prepared.acceleration, state_key=record["fingerprint"])
     result = trainer.fit()
     teacher.close()
     student.close()
@@ -157,6 +185,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str) -> dict:
         "host": platform.node(),
         "precision": str(dtype).removeprefix("torch."),
         "teacher_cache": cache.summary() if cache else teacher_cache.not_used(cfg.teacher_cache.enabled),
+        "fingerprint": record["fingerprint"],
     }
     save_torch({"state_dict": student.model.state_dict(), "loss_state_dict": loss_fn.state_dict(),
                 "arch": cfg.model.student.name, "best_epoch": result.best_epoch}, run_dir / STUDENT)

@@ -1,7 +1,8 @@
 """The frozen teacher: loaded from its checkpoint, or trained once with cross-entropy when missing.
 
 Two jobs that start together with no checkpoint do not both train it: the first takes a file lock and
-trains; the others wait on the lock, then load what it saved.
+trains; the others wait on the lock, then load what it saved. A teacher trained here records what it was
+trained on (the data's identity, split and classes) in its JSON sidecar, and is refused for other data.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig
 
 from kd.checkpoints import load_weights
-from kd.data import Splits
-from kd.io import exclusive, save_json, save_torch
+from kd.data import DataError, Splits
+from kd.io import exclusive, load_json, save_json, save_torch
 from kd.losses.ce import CrossEntropy
 from kd.taps import tapped
 from kd.trainer import Trainer
@@ -26,6 +27,35 @@ def checkpoint_path(teacher_cfg: DictConfig) -> Path:
     return Path(to_absolute_path(teacher_cfg.ckpt))
 
 
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def data_identity(cfg: DictConfig, splits: Splits) -> dict:
+    """What a teacher's training data was: the source's images and labels, the validation split, the classes."""
+    return {"name": cfg.data.name, "source_sha256": splits.source_sha256, "val_fraction": cfg.data.val_fraction,
+            "split_seed": cfg.data.split_seed, "num_classes": cfg.data.num_classes}
+
+
+def check_trained_on(path: Path, identity: dict) -> None:
+    """Refuse a teacher this harness trained on other data (a checkpoint from elsewhere has no record)."""
+    try:
+        recorded = load_json(sidecar(path)).get("data")
+    except FileNotFoundError:
+        return
+    if not isinstance(recorded, dict):  # a sidecar from before data identities were recorded
+        return
+    differing = [k for k in ("source_sha256", "val_fraction", "split_seed", "num_classes")
+                 if recorded.get(k) != identity[k]]
+    if differing:
+        def describe(d):
+            return (f"data {d.get('name')!r}, images sha256 {str(d.get('source_sha256'))[:12]}, validation "
+                    f"fraction {d.get('val_fraction')} by split_seed {d.get('split_seed')}, {d.get('num_classes')} classes")
+        raise DataError(f"teacher {path} was trained on {describe(recorded)}; this run has {describe(identity)} "
+                         f"(differing: {', '.join(differing)}). Its outputs would not fit this data: give a teacher "
+                         "trained on it with model.teacher.ckpt=<path> (a missing file is trained there)")
+
+
 def load_or_train(cfg: DictConfig, splits: Splits, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     teacher_cfg = cfg.model.teacher
     path = checkpoint_path(teacher_cfg)
@@ -35,6 +65,7 @@ def load_or_train(cfg: DictConfig, splits: Splits, device: torch.device, dtype: 
         with exclusive(str(path) + ".lock", f"another job is training the teacher {path}; waiting for it"):
             if not path.exists():
                 _train(cfg, model, path, splits, device, dtype)
+    check_trained_on(path, data_identity(cfg, splits))
     load_weights(model, path)
     log.info("teacher %s loaded from %s", teacher_cfg.name, path)
     return model.to(device).eval().requires_grad_(False)
@@ -53,8 +84,8 @@ def _train(cfg: DictConfig, model: torch.nn.Module, path: Path, splits: Splits, 
     result = trainer.fit()
     save_torch({"state_dict": model.state_dict(), "best_epoch": result.best_epoch,
                 "val_acc": result.best_val_acc}, path)
-    save_json({"arch": cfg.model.teacher.name, "data": cfg.data.name, "epochs": recipe.epochs,
+    save_json({"arch": cfg.model.teacher.name, "data": data_identity(cfg, splits), "epochs": recipe.epochs,
                "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "history": result.history},
-              path.with_name(path.name + ".json"))
+              sidecar(path))
     path.with_name(path.name + ".training-state").unlink(missing_ok=True)
     log.info("teacher saved to %s (best epoch %d, val_acc %.4f)", path, result.best_epoch, result.best_val_acc)

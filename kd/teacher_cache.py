@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from kd.data import Splits
 from kd.device import Acceleration, autocast
-from kd.io import exclusive, save_json, save_torch
+from kd.io import exclusive, file_sha256, save_json, save_torch, tensors_sha256
 from kd.taps import Outputs, TappedModel, resolve
 from kd.validation import ConfigError
 
@@ -42,22 +42,6 @@ log = logging.getLogger(__name__)
 
 LOGITS = "logits"
 STALE_TMP_S = 24 * 3600  # a temporary file this old belongs to no running writer
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def tensors_sha256(*tensors: torch.Tensor) -> str:
-    digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(str((t.dtype, tuple(t.shape))).encode())
-        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def numerics(device: torch.device, dtype: torch.dtype, acceleration: Acceleration) -> dict:

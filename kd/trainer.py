@@ -35,6 +35,11 @@ from kd.teacher_cache import EpochOutputs, TeacherCache, compute_epoch
 log = logging.getLogger(__name__)
 
 
+# A non-finite loss is looked for on the device every step and reported to the host every this many steps:
+# one synchronisation per 100 steps instead of one per step, and a diverged run stops within 100 steps.
+FINITE_CHECK_EVERY = 100
+
+
 class NonFiniteLoss(FloatingPointError):
     pass
 
@@ -81,10 +86,12 @@ class Trainer:
                  splits: Splits, optim: DictConfig, epochs: int, seed: int, dtype: torch.dtype,
                  eval_batch_size: int, label: str, state_path: Path | None = None,
                  on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
-                 teacher_cache: TeacherCache | None = None, acceleration: Acceleration = Acceleration()):
+                 teacher_cache: TeacherCache | None = None, acceleration: Acceleration = Acceleration(),
+                 state_key: str | None = None):
         self.student, self.loss_fn, self.teacher, self.splits = student, loss_fn, teacher, splits
         self.epochs, self.dtype, self.eval_batch_size, self.label = epochs, dtype, eval_batch_size, label
         self.state_path, self.on_epoch, self.progress = state_path, on_epoch, progress
+        self.state_key = state_key  # what the state belongs to (the run's config fingerprint): checked on resume
         self.device = splits.train_x.device
         self.loader = DeviceLoader(splits.train_x, splits.train_y, optim.batch_size, seed)
         params = [p for p in [*student.parameters(), *loss_fn.parameters()] if p.requires_grad]
@@ -108,7 +115,7 @@ class Trainer:
         if self.state_path is None:
             return
         fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}  # asdict would deep-copy `best`
-        save_torch({**fields, "student": self.student.model.state_dict(),
+        save_torch({**fields, "key": self.state_key, "student": self.student.model.state_dict(),
                     "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "rng": _rng_state()}, self.state_path)
 
@@ -123,6 +130,9 @@ class Trainer:
             log.warning("could not read training state %s (%s); moved it to %s and starting over",
                         self.state_path, err, corrupt)
             return _State()
+        if saved.get("key") != self.state_key:
+            raise RuntimeError(f"training state {self.state_path} belongs to another run ({saved.get('key')!r}, "
+                               f"this run is {self.state_key!r}); not resuming from it")
         self.student.model.load_state_dict(saved["student"])
         self.loss_fn.load_state_dict(saved["loss"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -189,12 +199,17 @@ class Trainer:
             seen += n
             for name, value in parts.terms.items():
                 terms_sum[name] = terms_sum.get(name, 0) + value.detach() * n
-        bad_step = int(first_bad_step)
-        if bad_step >= 0:
-            raise NonFiniteLoss(f"{self.label}: the loss became non-finite at epoch {epoch + 1}, step {bad_step + 1}")
+            if (batch.progress.step + 1) % FINITE_CHECK_EVERY == 0:
+                self._check_finite(first_bad_step, epoch)
+        self._check_finite(first_bad_step, epoch)
         record = {k: (v / seen).item() for k, v in sums.items() if k != "correct"}
         return {**record, "train_acc": sums["correct"].item() / seen,
                 "terms": {k: (v / seen).item() for k, v in terms_sum.items()}}
+
+    def _check_finite(self, first_bad_step: torch.Tensor, epoch: int) -> None:
+        bad_step = int(first_bad_step)  # the one host synchronisation
+        if bad_step >= 0:
+            raise NonFiniteLoss(f"{self.label}: the loss became non-finite at epoch {epoch + 1}, step {bad_step + 1}")
 
     def _prepare(self, state: _State) -> None:
         """The loss's preparation stage, once, before the first epoch; saved so a resumed run skips it."""

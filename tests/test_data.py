@@ -1,3 +1,6 @@
+import shutil
+
+import pytest
 import torch
 
 from kd.data import DeviceLoader, RandomCrops, build_splits, synthetic
@@ -84,7 +87,7 @@ def test_loader_batches_are_the_epochs_crops_in_its_order():
 
 
 def test_imagefolder_decodes_every_image_with_sorted_class_indices(tmp_path):
-    from torchvision.io import write_png
+    from PIL import Image
 
     from kd.data import imagefolder
 
@@ -95,9 +98,78 @@ def test_imagefolder_decodes_every_image_with_sorted_class_indices(tmp_path):
             (tmp_path / split / name).mkdir(parents=True)
             for i in range(count):
                 image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-                write_png(image, str(tmp_path / split / name / f"{i}.png"))
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / split / name / f"{i}.png")
                 written[(split, sorted(classes).index(name), i)] = image
-    train_x, train_y, test_x, test_y = imagefolder(str(tmp_path))
+    train_x, train_y, test_x, test_y = imagefolder(str(tmp_path), num_classes=3)
     assert train_x.shape == (9, 3, 32, 32) and train_x.dtype == torch.uint8 and test_x.shape == (6, 3, 32, 32)
     assert train_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert torch.equal(train_x[3], written[("train", 1, 0)]) and torch.equal(test_x[5], written[("test", 2, 1)])
+
+
+# ---------------------------------------------------------------- image folders that cannot work
+
+def _image_folder(root, classes=("cat", "dog"), size=32, per_class=2, fmt="PNG"):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=g).numpy()
+                Image.fromarray(pixels).save(root / split / name / f"{i}.{fmt.lower()}", fmt)
+    return root
+
+
+def test_pillow_decoding_gives_torchvisions_pixels(tmp_path):
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_image
+
+    from kd.data import _decode
+    root = _image_folder(tmp_path, fmt="JPEG")
+    for file in sorted(root.rglob("*.jpeg")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            expected = decode_image(str(file), mode=ImageReadMode.RGB)
+        assert torch.equal(_decode(file), expected), file
+
+
+def test_hidden_files_are_skipped(tmp_path):
+    from kd.data import imagefolder
+    root = _image_folder(tmp_path)
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"")
+    (root / "train" / ".hidden_class").mkdir()
+    train_x, train_y, _, _ = imagefolder(str(root), num_classes=2)
+    assert len(train_y) == 4 and train_y.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("no_classes", "has no class folders"),
+    ("text_file", r"cannot read .*notes\.txt as an image"),
+    ("other_size", r"dog/9\.png is 64x64 but the other images are 32x32"),
+    ("few_classes", r"has 2 class folders \(cat, dog\) but data.num_classes=10; set data.num_classes=2"),
+    ("empty_class", r"class folder .*dog holds no images"),
+])
+def test_each_broken_image_folder_names_the_file_or_the_count(tmp_path, damage, message):
+    from PIL import Image
+
+    from kd.data import DataError, imagefolder
+    root = _image_folder(tmp_path)
+    num_classes = 2
+    if damage == "no_classes":
+        for split in ("train", "test"):
+            shutil.rmtree(root / split)
+            (root / split).mkdir()
+            (root / split / "stray.png").write_bytes(b"")
+    elif damage == "text_file":
+        (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    elif damage == "other_size":
+        Image.new("RGB", (64, 64)).save(root / "train" / "dog" / "9.png")
+    elif damage == "few_classes":
+        num_classes = 10
+    elif damage == "empty_class":
+        shutil.rmtree(root / "train" / "dog")
+        (root / "train" / "dog").mkdir()
+    with pytest.raises(DataError, match=message):
+        imagefolder(str(root), num_classes=num_classes)

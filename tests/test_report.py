@@ -335,3 +335,13 @@ def test_a_single_run_folder_and_wandb_offline(sweeps, tmp_path):
     assert list(summary.role) == ["teacher", "student"] and summary.status.tolist() == ["ok", "ok"]
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb")), proc.stdout
+
+
+@pytest.mark.slow
+def test_no_latency_measurement_is_said_plainly(sweeps, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(sweeps / "sweep" / "0_ce", run)
+    proc = report_cli(run, "--latency-repeats", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = (run / "report.md").read_text()
+    assert "latency: not measured (--latency-repeats 0)" in notes and "median of 0" not in notes

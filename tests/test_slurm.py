@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -75,25 +76,50 @@ def test_a_failing_job_leaves_the_others_and_the_sweep_reports_it(tmp_path, rand
     assert not (failed / "results.json").exists()
     assert "run failed: NonFiniteLoss: kd: the loss became non-finite at epoch 1, step 1" in (failed / "train.log").read_text()
     assert json.loads((finished / "results.json").read_text())["method"] == "kd"
+    # Slurm's own record: the failed task FAILED with a non-zero exit code, the other COMPLETED
+    (array,) = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()}
+    states = {}
+    for _ in range(30):  # slurmdbd records the end of a job a moment after it
+        out = subprocess.run(["sacct", "-j", array, "-X", "-n", "-P", "-o", "JobID,State,ExitCode"],
+                             capture_output=True, text=True, check=True).stdout
+        states = {line.split("|")[0]: line.split("|")[1:] for line in out.split()}
+        if {f"{array}_0", f"{array}_1"} <= set(states) and all(s[0] != "RUNNING" for s in states.values()):
+            break
+        time.sleep(1)
+    assert states[f"{array}_0"][0] == "FAILED" and states[f"{array}_0"][1] != "0:0", states
+    assert states[f"{array}_1"] == ["COMPLETED", "0:0"], states
 
 
-def test_time_limit_requeue_resumes_and_matches_an_uninterrupted_run(tmp_path, random_teacher_ckpts):
-    args = [*TINY, "method=kd", "kd_epochs=10", "data.source.num_train=700", *_teacher(random_teacher_ckpts)]
-    # 1-minute limit, warning signal 30 s before it: every attempt is cut off about 30 s in, mid-training
-    limited = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=8"]
+def test_a_job_warned_of_its_time_limit_is_requeued_resumes_and_matches_an_uninterrupted_run(tmp_path,
+                                                                                            random_teacher_ckpts):
+    """Slurm warns a job `signal_delay_s` before its limit with USR2 (`--signal` in the submission), but may send
+    it up to 60 s early (sbatch(1)), so a short limit cannot time the warning. The test sends the same USR2
+    itself once the job has saved an epoch: submitit checkpoints, requeues, and the run resumes."""
+    args = [*TINY, "method=kd", "kd_epochs=6", "data.source.num_train=700", *_teacher(random_teacher_ckpts)]
     reference = subprocess.Popen(
         train_command([*args, f"hydra.run.dir={tmp_path / 'reference'}"]), cwd=tmp_path,
         env=train_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     sweep = tmp_path / "sweep"
-    proc = run_train(["-m", *args, *SLURM, *limited, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=900,
-                     OMP_NUM_THREADS="1")
+    sweep_proc = subprocess.Popen(train_command(["-m", *args, *SLURM, "hydra.launcher.signal_delay_s=45",
+                                                 f"hydra.sweep.dir={sweep}"]), cwd=tmp_path,
+                                  env=train_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+    state = sweep / "0_kd" / "training-state.pt"
+    deadline = time.time() + 600
+    while not state.exists() and sweep_proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), "the job never saved an epoch"
+    (job_id,) = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()}
+    assert "--signal=USR2@45" in next((sweep / ".submitit").rglob("*_submission.sh")).read_text()
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    out, err = sweep_proc.communicate(timeout=900)
     assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    (job,) = [p for p in sweep.iterdir() if p.name[0].isdigit()]
+    assert sweep_proc.returncode == 0, out[-2000:] + err[-3000:]
+    job = sweep / "0_kd"
     resumed = json.loads((job / "results.json").read_text())
     straight = json.loads((tmp_path / "reference" / "results.json").read_text())
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.out"))
-    assert "Requeued job" in logs, logs[-3000:]
+    assert "Caught signal SIGUSR2" in logs and "Requeued job" in logs, logs[-3000:]
     assert resumed["resumed_from_epoch"] >= 1
     assert "resuming from" in (job / "train.log").read_text()
     assert comparable(resumed) == comparable(straight)

@@ -69,3 +69,31 @@ def test_two_jobs_without_teacher_train_it_once(tmp_path):
     waited = [o for o in outputs if "another job is training the teacher" in o]
     assert len(trained) == 1 and len(waited) == 1, outputs
     assert all("teacher smallnet loaded from" in o for o in outputs)
+
+
+def test_a_teacher_trained_on_one_image_folder_is_refused_for_another(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from kd.data import DataError
+
+    def folder(root, seed):
+        g = torch.Generator().manual_seed(seed)
+        for split, count in (("train", 20), ("test", 5)):
+            for name in ("a", "b"):
+                (root / split / name).mkdir(parents=True)
+                for i in range(count):
+                    pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g).numpy()
+                    Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+        return root
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "smallnet.pt"
+    common = [o for o in TINY if not o.startswith("data")] + [
+        "data=imagefolder", "data.num_classes=2", "method=kd", "kd_epochs=1", "model@model.teacher=smallnet",
+        f"model.teacher.ckpt={ckpt}", "teacher_training.epochs=1"]
+    train(compose_config([*common, f"data.root={folder(tmp_path / 'one', 1)}"]))
+    assert json.loads((tmp_path / "smallnet.pt.json").read_text())["data"]["num_classes"] == 2
+    (tmp_path / "results.json").unlink()
+    with pytest.raises(DataError, match=r"teacher .*smallnet.pt was trained on data 'imagefolder', images sha256 "
+                                        r"\w+.*this run has .*\(differing: source_sha256\)"):
+        train(compose_config([*common, f"data.root={folder(tmp_path / 'two', 2)}"]))

@@ -245,3 +245,24 @@ def test_history_keeps_task_and_distillation_apart(random_teacher_ckpts):
     assert record["loss"] == pytest.approx(record["task_loss"] + record["distillation_loss"], rel=1e-5)
     assert record["task_loss"] == pytest.approx(0.3 * record["terms"]["ce"], rel=1e-5)
     assert record["distillation_loss"] == pytest.approx(0.7 * record["terms"]["kd"], rel=1e-5)
+
+
+def test_a_non_finite_loss_stops_the_run_within_a_hundred_steps(random_teacher_ckpts):
+    from kd.trainer import FINITE_CHECK_EVERY
+    cfg, splits, teacher, student, _ = _parts("ce", random_teacher_ckpts["resnet20"], ["optim.batch_size=2"])
+    steps = []
+
+    class DivergesAtStepThree(DistillationLoss):
+        needs_teacher = False
+
+        def forward(self, student, teacher, batch):
+            steps.append(batch.progress.step)
+            ce = F.cross_entropy(student.logits, batch.labels)
+            return LossParts(ce * (float("nan") if len(steps) >= 3 else 1.0), ce.new_zeros(()), {"ce": ce})
+
+    trainer = Trainer(student, DivergesAtStepThree(), None, splits, cfg.optim, 1, 0, torch.float32, 500, "ce",
+                      progress=False)
+    assert len(trainer.loader) > 1.2 * FINITE_CHECK_EVERY
+    with pytest.raises(NonFiniteLoss, match="non-finite at epoch 1, step 3"):
+        trainer.fit()
+    assert len(steps) == FINITE_CHECK_EVERY  # stopped at the first check, not at the end of the epoch

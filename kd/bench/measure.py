@@ -22,6 +22,7 @@ from kd.bench import classic
 from kd.checkpoints import load_weights
 from kd.data import DeviceLoader, Splits
 from kd.device import synchronize
+from kd.io import tensors_sha256
 from kd.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def harness_epoch(cfg: DictConfig, s: Setup, dtype: torch.dtype, cache_dir: str 
     acceleration = s.prepared.acceleration
     cache = None
     if cache_dir is not None and teacher is not None:
-        weights_sha256 = teacher_cache.tensors_sha256(*s.teacher_state.values())  # the weights may be random
+        weights_sha256 = tensors_sha256(*s.teacher_state.values())  # the weights may be random
         cache = teacher_cache.for_run(cfg, s.splits, weights_sha256, s.device, dtype, acceleration, cache_dir)
     trainer = Trainer(student, loss, teacher, s.splits, cfg.optim, cfg.kd_epochs, cfg.seed, dtype, cfg.trainer.eval_batch_size,
                       label=cfg.method.name, progress=False, teacher_cache=cache,

@@ -80,7 +80,12 @@ def load_job(folder: Path, sweep: Path) -> Job:
     hydra = OmegaConf.load(folder / HYDRA) if (folder / HYDRA).is_file() else None
     num = int(hydra.hydra.job.get("num") or 0) if hydra is not None else 0
     overrides = list(hydra.hydra.overrides.task) if hydra is not None else []
-    results = load_json(folder / RESULTS) if (folder / RESULTS).is_file() else None
+    try:
+        results = load_json(folder / RESULTS) if (folder / RESULTS).is_file() else None
+    except ValueError as err:  # e.g. truncated by a full disk: this job's failure, not the report's
+        reason = (f"{folder / RESULTS} is unreadable ({type(err).__name__}: {err}); relaunching the job into its "
+                  "folder trains it again")
+        return Job(folder, sweep, num, cfg, hydra, None, FAILED, reason, overrides)
     status, reason = job_status(folder, results)
     return Job(folder, sweep, num, cfg, hydra, results, status, reason, overrides)
 

@@ -53,7 +53,8 @@ def write_report(folders: list[Path], device: torch.device, latency: LatencySett
 
     notes = [f"sweep folder(s): {', '.join(str(f.resolve()) for f in folders)}",
              f"evaluated on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}); "
-             f"latency: fp32, batch {latency.batch_size}, median of {latency.repeats} after {latency.warmup} warm-up",
+             + (f"latency: fp32, batch {latency.batch_size}, median of {latency.repeats} after {latency.warmup} warm-up"
+                if latency.repeats else "latency: not measured (--latency-repeats 0)"),
              "accuracies are fractions; KL is KL(teacher || student) of the softmax outputs; MACs and FLOPs per "
              "32x32 image (torch.utils.flop_counter, FLOPs = 2 x MACs)"]
     text = markdown.report("Comparison report", summary, ranks, seeds, list(by_label.values()), drawn, out, notes)
