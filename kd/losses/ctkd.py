@@ -1,0 +1,61 @@
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd.data import Progress
+from kd.losses.base import DistillationLoss, LossParts, soft_kl
+from kd.losses.schedule import ramp
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the backward pass multiplies the gradient by -strength (Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx, x, strength):
+        ctx.strength = strength
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.strength * grad, None
+
+
+def cosine_ramp(progress: Progress | None, fraction: float) -> float:
+    """0 -> 1 along half a cosine over `fraction` of the run, then 1: (1 - cos(pi * r)) / 2 with r the linear
+    warm-up factor of `kd.losses.schedule.ramp` (epochs done counted per step; 1 without progress)."""
+    return 0.5 * (1.0 - math.cos(math.pi * ramp(progress, fraction=fraction)))
+
+
+class CTKD(DistillationLoss):
+    """Curriculum temperature KD, global temperature (Li, Li, Yang, Zhao, Song, Luo, Li & Yang, "Curriculum
+    Temperature for Knowledge Distillation", AAAI 2023, arXiv:2211.16231).
+
+    One learnable temperature tau = t_start + t_range * sigmoid(theta), trained against the student: theta
+    reaches tau through a gradient-reversal layer, so the student descends the loss while theta ascends it
+    with the reversed gradient scaled by lambda(t) = lambda_max * (1 - cos(pi * min(1, t / R))) / 2, R =
+    curriculum_fraction * epochs, t = epochs done counted per step (the authors' lambda is constant within
+    epoch e and equals this value at its end).
+    loss = ce_weight * CE(z_s, y) + kd_weight * tau^2 * KL(softmax(z_t/tau) || softmax(z_s/tau)); the
+    gradient reaches theta through tau^2 and both softmaxes.
+    """
+
+    def __init__(self, t_start: float, t_range: float, theta_init: float, lambda_max: float,
+                 curriculum_fraction: float, ce_weight: float, kd_weight: float):
+        super().__init__()
+        self.t_start, self.t_range = t_start, t_range
+        self.lambda_max, self.curriculum_fraction = lambda_max, curriculum_fraction
+        self.ce_weight, self.kd_weight = ce_weight, kd_weight
+        self.theta = nn.Parameter(torch.tensor(float(theta_init)))
+
+    def reversal_strength(self, progress: Progress | None) -> float:
+        return self.lambda_max * cosine_ramp(progress, self.curriculum_fraction)
+
+    def forward(self, student, teacher, batch):
+        theta = _ReverseGradient.apply(self.theta, self.reversal_strength(batch.progress))
+        tau = self.t_start + self.t_range * torch.sigmoid(theta)
+        kd = tau**2 * soft_kl(student.logits, teacher.logits, tau)
+        ce = F.cross_entropy(student.logits, batch.labels)
+        return LossParts(self.ce_weight * ce, self.kd_weight * kd,
+                         {"ce": ce, "kd": kd, "temperature": tau.detach()})
