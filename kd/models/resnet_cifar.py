@@ -1,12 +1,21 @@
-"""CIFAR ResNet-20/32/44/56 (He et al. 2016, section 4.2) with option-A shortcuts.
+"""CIFAR ResNets (He et al. 2016, section 4.2): depth 6n+2, three stages of n BasicBlocks.
 
-Module names match the public pytorch_resnet_cifar10 checkpoints (conv1, bn1, layer1-3, linear), so their
-state dicts load once the DataParallel `module.` prefix is stripped (see kd.checkpoints).
+Two shortcut forms where a block changes shape:
+- `pad` (option A, the paper's): subsample and zero-pad, no parameters. Module names match the public
+  pytorch_resnet_cifar10 checkpoints (conv1, bn1, layer1-3, linear), so their state dicts load once the
+  DataParallel `module.` prefix is stripped (see kd.checkpoints).
+- `projection`: 1x1 conv + BatchNorm, as the KD benchmark (RepDistiller's models/resnet.py, which mdistiller
+  copies) builds them; its resnet8x4/resnet32x4 are four times wider (32/64/128/256) and also project in
+  layer1's first block (32 -> 64 channels at stride 1).
 """
 import torch.nn.functional as F
 from torch import nn
 
 from kd.models.blocks import BasicBlock
+
+NARROW = (16, 16, 32, 64)   # stem, layer1, layer2, layer3
+WIDE = (32, 64, 128, 256)   # RepDistiller's "x4" models
+SHORTCUTS = ("pad", "projection")
 
 
 class PadShortcut(nn.Module):
@@ -23,23 +32,35 @@ class PadShortcut(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
 
 
-class CifarResNet(nn.Module):
-    """`layer3` outputs the last feature map (64x8x8 for 32x32 inputs)."""
+def _shortcut(kind: str, in_planes: int, planes: int, stride: int) -> nn.Module:
+    if kind == "pad":
+        return PadShortcut(planes)
+    return nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
-    def __init__(self, depth: int, num_classes: int = 10):
+
+class CifarResNet(nn.Module):
+    """`layer3` outputs the last feature map (64x8x8 for 32x32 inputs, 256x8x8 for the wide form)."""
+
+    def __init__(self, depth: int, num_classes: int = 10, shortcut: str = "pad", widths=NARROW):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, ...), got {depth}")
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut={shortcut!r} is invalid: it must be one of {SHORTCUTS}")
+        stem, *planes_per_stage = widths
+        if shortcut == "pad" and stem != planes_per_stage[0]:
+            raise ValueError(f"shortcut='pad' needs layer1 as wide as the stem ({stem} vs {planes_per_stage[0]} "
+                             "channels): option A only pads when it also subsamples; use 'projection'")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        in_planes = 16
-        for i, (planes, stride) in enumerate(zip((16, 32, 64), (1, 2, 2)), start=1):
-            blocks = [BasicBlock(in_planes if j == 0 else planes, planes, stride if j == 0 else 1, PadShortcut(planes))
-                      for j in range(n)]
+        self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        in_planes = stem
+        for i, (planes, stride) in enumerate(zip(planes_per_stage, (1, 2, 2)), start=1):
+            blocks = [BasicBlock(in_planes, planes, stride, _shortcut(shortcut, in_planes, planes, stride))]
+            blocks += [BasicBlock(planes, planes, 1, nn.Sequential()) for _ in range(n - 1)]
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
             in_planes = planes
-        self.linear = nn.Linear(64, num_classes)
+        self.linear = nn.Linear(in_planes, num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
@@ -50,17 +71,37 @@ class CifarResNet(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def resnet20(num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(20, num_classes)
+def resnet8(num_classes: int = 10, shortcut: str = "pad") -> CifarResNet:
+    return CifarResNet(8, num_classes, shortcut)
 
 
-def resnet32(num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(32, num_classes)
+def resnet14(num_classes: int = 10, shortcut: str = "pad") -> CifarResNet:
+    return CifarResNet(14, num_classes, shortcut)
 
 
-def resnet44(num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(44, num_classes)
+def resnet20(num_classes: int = 10, shortcut: str = "pad") -> CifarResNet:
+    return CifarResNet(20, num_classes, shortcut)
 
 
-def resnet56(num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(56, num_classes)
+def resnet32(num_classes: int = 10, shortcut: str = "pad") -> CifarResNet:
+    return CifarResNet(32, num_classes, shortcut)
+
+
+def resnet44(num_classes: int = 10, shortcut: str = "pad") -> CifarResNet:
+    return CifarResNet(44, num_classes, shortcut)
+
+
+def resnet56(num_classes: int = 10, shortcut: str = "pad") -> CifarResNet:
+    return CifarResNet(56, num_classes, shortcut)
+
+
+def resnet110(num_classes: int = 10, shortcut: str = "pad") -> CifarResNet:
+    return CifarResNet(110, num_classes, shortcut)
+
+
+def resnet8x4(num_classes: int = 10, shortcut: str = "projection") -> CifarResNet:
+    return CifarResNet(8, num_classes, shortcut, WIDE)
+
+
+def resnet32x4(num_classes: int = 10, shortcut: str = "projection") -> CifarResNet:
+    return CifarResNet(32, num_classes, shortcut, WIDE)
