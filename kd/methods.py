@@ -13,7 +13,8 @@ NOT_HYPERPARAMETERS = {"_target_", "feature", "features"}
 
 def _defaults(method) -> str:
     loss = OmegaConf.to_container(method.loss)
-    parts = [f"{k} {v}" for k, v in loss.items() if k not in NOT_HYPERPARAMETERS]
+    parts = [f"{k} {v}" for k, v in loss.items()
+             if k not in NOT_HYPERPARAMETERS and not str(v).startswith("${")]  # wiring to other config keys
     taps = loss.get("feature") or loss.get("features")
     if taps:
         parts.append(f"taps {taps}")

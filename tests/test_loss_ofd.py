@@ -31,8 +31,11 @@ def np_partial_l2(s, t, m):
     return total
 
 
-def taps(model):
-    return dict(OmegaConf.load(CONF / "model" / f"{model}.yaml").taps)
+def taps(model, features=None):
+    """The model's taps; with `features`, what the harness hands the loss: each feature name -> its tap spec."""
+    from kd.taps import resolve
+    every = dict(OmegaConf.load(CONF / "model" / f"{model}.yaml").taps)
+    return every if features is None else {name: resolve(name, every, model) for name in features}
 
 
 def teacher_with_bns(gammas_betas):
@@ -54,7 +57,7 @@ def make_ofd(student_shapes, teacher_shapes, teacher_model, features=FEATURES):
     from kd.losses.ofd import OFD
     torch.manual_seed(0)
     shapes = {"student": dict(zip(features, student_shapes)), "teacher": dict(zip(features, teacher_shapes))}
-    return OFD(weight=1e-3, features=features, teacher_taps=taps("resnet20"), feature_shapes=shapes,
+    return OFD(weight=1e-3, features=features, teacher_taps=taps("resnet20", features), feature_shapes=shapes,
                teacher_model=teacher_model)
 
 
@@ -167,7 +170,7 @@ def test_a_four_stage_teachers_margins_follow_the_paired_stages_and_survive_batc
     features = ["stage-3_preact", "stage-2_preact", "stage-1_preact"]
     shapes = {"student": dict(zip(features, [(32, 16, 16), (64, 8, 8), (128, 4, 4)])),
               "teacher": dict(zip(features, [(128, 16, 16), (256, 8, 8), (512, 4, 4)]))}
-    ofd = OFD(1e-3, features, taps("resnet18"), shapes, teacher)
+    ofd = OFD(1e-3, features, taps("resnet18", features), shapes, teacher)
     margins = [getattr(ofd, f"margin{i}").clone() for i in range(3)]
     for i, k in enumerate((2, 3, 4)):  # stage-3 of ResNet-18 is stage2: its bias -2 sets the margin
         assert margins[i].shape == (1, shapes["teacher"][features[i]][0], 1, 1)

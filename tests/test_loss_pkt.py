@@ -24,7 +24,7 @@ def test_pkt_against_direct_loops(logits_batch):
 
     ps, pt = probs(fs), probs(ft)
     pkt = np.mean(np.sum(pt * np.log(pt / ps), axis=1))
-    total, terms = evaluate(PKT(temperature=0.1, weight=2.0, feature="feat"), outputs(zs, feat=fs),
+    total, terms = evaluate(PKT(temperature=0.1, weight=2.0, feature="feat", kernel="softmax"), outputs(zs, feat=fs),
                             outputs(zt, feat=ft), y)
     assert terms["pkt"].item() == pytest.approx(pkt, rel=1e-8)
     assert total.item() == pytest.approx(np_ce(zs.numpy(), y.numpy()) + 2 * pkt, rel=1e-8)
@@ -33,7 +33,7 @@ def test_pkt_against_direct_loops(logits_batch):
 def test_pkt_is_invariant_to_feature_scale(logits_batch):
     zs, zt, y = logits_batch
     fs, ft = torch.randn(6, 128, 4, 4), torch.randn(6, 64, 8, 8)
-    loss = PKT(0.1, 2.0, "feat")
+    loss = PKT(0.1, 2.0, "feat", "softmax")
     _, base = evaluate(loss, outputs(zs, feat=fs), outputs(zt, feat=ft), y)
     _, scaled = evaluate(loss, outputs(zs, feat=7.5 * fs), outputs(zt, feat=0.01 * ft), y)
     for name in ("pkt",):

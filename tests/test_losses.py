@@ -47,7 +47,8 @@ def test_gradients_reach_student_and_loss_parts_but_not_the_teacher(method, teac
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
     assert any(p.grad.abs().sum() > 0 for p in student.model.parameters())
     for name, p in loss.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        if p.requires_grad:  # parts a preparation stage trained and froze are not the main loss's to move
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in teacher.parameters())
 
 
@@ -72,7 +73,7 @@ def test_finite_for_tiny_batches_and_extreme_logits(method, batch_size):
 def test_a_misspelt_loss_argument_names_itself_and_the_valid_ones():
     cfg = compose_config(["method=kd", "+method.loss.temprature=2"])
     with pytest.raises(ValueError, match=r"VanillaKD takes no argument \['temprature'\]; its arguments are "
-                                         r"\['temperature', 'alpha'\]"):
+                                         r"\['temperature', 'alpha', 'standardize'\]"):
         loss_factory(cfg.method.loss)
 
 

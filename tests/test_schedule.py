@@ -1,4 +1,6 @@
 """The one warm-up helper every ramped loss uses: linear in the epochs done, counted per step."""
+import math
+
 import pytest
 
 from kd.data import Progress
@@ -42,3 +44,10 @@ def test_exactly_one_length_is_given():
         ramp(at_end_of(0, 10))
     with pytest.raises(ValueError, match="exactly one of epochs or fraction"):
         ramp(at_end_of(0, 10), epochs=2, fraction=0.1)
+
+
+def test_the_cosine_curriculum_rises_along_half_a_cosine():
+    from kd.losses.schedule import cosine_ramp
+    values = [cosine_ramp(Progress(0, step, 4, 2), fraction=0.5) for step in range(4)]
+    assert values == pytest.approx([0.5 - 0.5 * math.cos(math.pi * k / 4) for k in (1, 2, 3, 4)])
+    assert cosine_ramp(None, fraction=0.5) == 1.0

@@ -1,4 +1,3 @@
-import math
 
 import torch
 import torch.nn.functional as F
@@ -6,7 +5,7 @@ from torch import nn
 
 from kd.data import Progress
 from kd.losses.base import DistillationLoss, LossParts, soft_kl
-from kd.losses.schedule import ramp
+from kd.losses.schedule import cosine_ramp
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -20,12 +19,6 @@ class _ReverseGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return -ctx.strength * grad, None
-
-
-def cosine_ramp(progress: Progress | None, fraction: float) -> float:
-    """0 -> 1 along half a cosine over `fraction` of the run, then 1: (1 - cos(pi * r)) / 2 with r the linear
-    warm-up factor of `kd.losses.schedule.ramp` (epochs done counted per step; 1 without progress)."""
-    return 0.5 * (1.0 - math.cos(math.pi * ramp(progress, fraction=fraction)))
 
 
 class CTKD(DistillationLoss):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.losses.base import DistillationLoss, LossParts
-from kd.taps import INPUT, module_path, resolve
+from kd.taps import INPUT, module_path
 
 
 def gaussian_margin(gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ class OFD(DistillationLoss):
         if not name.endswith("_preact"):
             raise ValueError(f"ofd: feature {name!r} is not a pre-activation; OFD distils the features before "
                              f"each stage's last ReLU: use stageK_preact names (e.g. stage-1_preact)")
-        spec = resolve(name, taps, "teacher")
+        spec = taps[name]
         bn = batchnorm_before(teacher_model, spec)
         if bn is None or bn.num_features != channels or bn.weight is None:
             raise ValueError(f"ofd: the teacher's {name!r} taps {spec!r}, and no affine BatchNorm2d with {channels} "

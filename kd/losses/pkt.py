@@ -35,8 +35,7 @@ class PKT(DistillationLoss):
     loss = CE(z_s, y) + weight * PKT.
     """
 
-    def __init__(self, temperature: float | None, weight: float, feature: str, kernel: str = "softmax"):
-        # kernel's default: the form this loss had before the cosine kernel (conf/method/pkt.yaml states it)
+    def __init__(self, temperature: float | None, weight: float, feature: str, kernel: str):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"pkt: kernel {kernel!r} is not one of {list(KERNELS)}")

@@ -1,6 +1,8 @@
 """Warm-up schedules shared by every loss whose weight grows at the start of training."""
 from __future__ import annotations
 
+import math
+
 from kd.data import Progress
 
 
@@ -20,3 +22,9 @@ def ramp(progress: Progress | None, epochs: float | None = None, fraction: float
     if length <= 0:
         return 1.0
     return min(1.0, progress.epochs_done / length)
+
+
+def cosine_ramp(progress: Progress | None, fraction: float) -> float:
+    """0 -> 1 along half a cosine over `fraction` of the run, then 1: (1 - cos(pi * r)) / 2 with r the linear
+    warm-up factor of `ramp` (epochs done counted per step; 1 without progress)."""
+    return 0.5 * (1.0 - math.cos(math.pi * ramp(progress, fraction=fraction)))
