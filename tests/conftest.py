@@ -49,16 +49,44 @@ def comparable(results):
 
 @pytest.fixture(scope="session")
 def random_teacher_ckpts(tmp_path_factory):
-    """Untrained ResNet-18 (512x4x4 features) and ResNet-20 (64x8x8, ResNet-56's shape) teacher checkpoints."""
+    """Untrained ResNet-18 (512x4x4 features) and ResNet-20 (64x8x8, ResNet-56's shape) teacher checkpoints.
+
+    Random weights, but BatchNorm statistics measured on the synthetic images (as training would leave them):
+    with the initial statistics every block adds variance and the last features reach magnitudes in the tens,
+    which no trained teacher has and which a method's own training stage is not built for.
+    """
+    from omegaconf import OmegaConf
+
+    from kd.data import synthetic
     from kd.models import ResNet18, resnet20
 
+    images = synthetic(num_train=512, num_test=1)[0].float() / 255
     folder = tmp_path_factory.mktemp("teachers")
     paths = {}
     for name, make in (("resnet18", ResNet18), ("resnet20", resnet20)):
         torch.manual_seed(0)
+        model = make()
+        norm = OmegaConf.load(CONF / "model" / f"{name}.yaml").normalization
+        calibrate_batchnorm(model, (images - torch.tensor(norm.mean).view(1, 3, 1, 1)) / torch.tensor(norm.std).view(1, 3, 1, 1))
         paths[name] = folder / f"{name}.pt"
-        torch.save(make().state_dict(), paths[name])
+        torch.save(model.state_dict(), paths[name])
     return paths
+
+
+def calibrate_batchnorm(model, images):
+    """Running statistics = the statistics of `images` (cumulative average over batches of 128)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for batch in images.split(128):
+            model(batch)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.1
+    model.eval()
 
 
 @pytest.fixture
