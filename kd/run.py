@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 from dataclasses import dataclass
@@ -162,6 +163,10 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     student.close()
 
     evaluate = lambda x, y: accuracy(student, x, y, cfg.trainer.eval_batch_size, dtype)  # noqa: E731
+    best_student = copy.deepcopy(student.model.state_dict())
+    student.model.load_state_dict(result.last_student)
+    test_acc_last = evaluate(splits.test_x, splits.test_y)
+    student.model.load_state_dict(best_student)
     results = {
         "method": cfg.method.name,
         "method_name": cfg.method.display_name,
@@ -172,6 +177,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
         "train_acc": evaluate(splits.train_x, splits.train_y),
         "val_acc": result.best_val_acc,
         "test_acc": evaluate(splits.test_x, splits.test_y),
+        "test_acc_last": test_acc_last,
         "best_epoch": result.best_epoch,
         "resumed_from_epoch": result.resumed_from_epoch,
         "history": result.history,

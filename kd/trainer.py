@@ -52,6 +52,7 @@ class TrainResult:
     train_time_sec: float
     resumed_from_epoch: int = 0
     prepare_time_sec: float = 0.0
+    last_student: dict | None = None  # the weights after the last epoch (the student itself ends at the best)
 
 
 @dataclass
@@ -250,10 +251,11 @@ class Trainer:
             self._save_state(state)
             if self.on_epoch is not None:
                 self.on_epoch(record)
+        last_student = copy.deepcopy(self.student.model.state_dict())
         self.student.model.load_state_dict(state.best["student"])
         self.loss_fn.load_state_dict(state.best["loss"])
         return TrainResult(state.history, state.best["epoch"], state.best["val_acc"], state.train_time_sec,
-                           resumed_from, state.prepare_time_sec)
+                           resumed_from, state.prepare_time_sec, last_student)
 
     def _log_epoch(self, r: dict, is_best: bool) -> None:
         terms = "  ".join(f"{k} {v:.4f}" for k, v in r["terms"].items())

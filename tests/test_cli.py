@@ -32,6 +32,9 @@ def test_single_run_writes_config_log_results_and_weights(tmp_path):
     assert len(results["history"]) == 2 and {"loss", "train_acc", "val_acc", "seconds"} <= set(results["history"][0])
     assert 0 < results["train_time_sec"] < sum(h["seconds"] for h in results["history"]) + 1e-6 * 2
     assert results["student"] == {"arch": "smallnet", "params": 141_354}
+    assert 0 <= results["test_acc_last"] <= 1
+    if results["best_epoch"] == 2:  # the last epoch was the best: the same weights
+        assert results["test_acc_last"] == results["test_acc"]
     for name in ("student.pt", "train.log", ".hydra/config.yaml", ".hydra/overrides.yaml"):
         assert (run_dir / name).exists(), name
     status = json.loads((run_dir / "status.json").read_text())
