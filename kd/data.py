@@ -8,6 +8,7 @@ bank). The last, partial batch is kept (as the original notebook's DataLoader di
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from hydra.utils import to_absolute_path
 
-from kd.io import tensors_sha256
+from kd.io import exclusive, save_torch, tensors_sha256
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,13 @@ def cifar10(root: str, download: bool = True) -> Arrays:
     return (*arrays(train), *arrays(test))
 
 
-def imagefolder(root: str | None, num_classes: int) -> Arrays:
+def imagefolder(root: str | None, num_classes: int, cache_dir: str | None) -> Arrays:
     """`root/train/<class>/*` and `root/test/<class>/*`; class index = position in the sorted folder names.
 
     Hidden files and folders (names starting with `.`, e.g. `.DS_Store`) are skipped; anything else in a class
-    folder must be an image of the same size as all the others.
+    folder must be an image of the same size as all the others. The decoded images are kept in `cache_dir`
+    (null: decode every time), keyed by every file's name, size and modification time, so the jobs of a sweep
+    and the report decode a folder once.
     """
     if not root:
         raise DataError(f"data=imagefolder needs data.root (a folder with train/ and test/); got {root!r}")
@@ -70,9 +73,46 @@ def imagefolder(root: str | None, num_classes: int) -> Arrays:
     if len(train_classes) != num_classes:
         raise DataError(f"{root_path / 'train'} has {len(train_classes)} class folders ({', '.join(train_classes)}) "
                         f"but data.num_classes={num_classes}; set data.num_classes={len(train_classes)}")
-    train = _decode_folder(root_path / "train", train_classes)
-    test = _decode_folder(root_path / "test", train_classes, like=train[0][0])
-    return (*train, *test)
+
+    def decode() -> Arrays:
+        train = _decode_folder(root_path / "train", train_classes)
+        test = _decode_folder(root_path / "test", train_classes, like=train[0][0])
+        return (*train, *test)
+    if cache_dir is None:
+        return decode()
+    return _decoded_once(root_path, train_classes, Path(to_absolute_path(cache_dir)), decode)
+
+
+def _decoded_once(root: Path, classes: list[str], cache_dir: Path, decode) -> Arrays:
+    """The folder's decoded arrays from `cache_dir`, decoding (under a lock, once for all jobs) on a miss."""
+    listing = hashlib.sha256(DECODER.encode())
+    for split in ("train", "test"):
+        for name in classes:
+            for file in _visible(root / split / name):
+                stat = file.stat()
+                listing.update(f"{file.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    path = cache_dir / f"imagefolder-{listing.hexdigest()[:20]}.pt"
+
+    def load() -> Arrays | None:
+        try:
+            arrays = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            return None
+        except Exception as err:  # unreadable: decode again and replace it
+            log.warning("decoded-image cache %s is unreadable (%s); decoding %s again", path, err, root)
+            return None
+        log.info("decoded images of %s read from %s", root, path)
+        return tuple(arrays)
+
+    arrays = load()
+    if arrays is None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with exclusive(path.with_suffix(".lock"), f"another job is decoding {root} into {path}; waiting for it"):
+            arrays = load()
+            if arrays is None:
+                arrays = decode()
+                save_torch(list(arrays), path)
+    return arrays
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -85,6 +125,9 @@ def _class_folders(split: Path) -> list[str]:
         found = ", ".join(p.name for p in _visible(split)[:5]) or "nothing"
         raise DataError(f"{split} has no class folders (found {found}); expected {split}/<class>/<image files>")
     return classes
+
+
+DECODER = "pillow-rgb-1"  # part of the decoded-image cache's key: change it when the decoding changes
 
 
 def _decode(file: Path) -> torch.Tensor:

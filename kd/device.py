@@ -53,6 +53,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def numerics(device: torch.device, dtype: torch.dtype) -> dict:
+    """What decides the bits of a computation besides its inputs: the device kind (CUDA device name or CPU
+    instruction set), the precision and the torch version. Cached outputs made elsewhere are not reused."""
+    kind = f"cpu-{torch.backends.cpu.get_cpu_capability()}" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return {"device": kind, "precision": str(dtype).removeprefix("torch."), "torch": torch.__version__}
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()

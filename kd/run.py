@@ -13,15 +13,15 @@ from typing import Callable
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from kd import teacher as teachers
 from kd import teacher_cache
 from kd.data import Splits, build_splits
 from kd.device import Acceleration, resolve_device, resolve_precision
-from kd.evaluation import accuracy
-from kd.io import load_json, save_json, save_torch
+from kd.evaluation import accuracy, logits_accuracy, teacher_logits
+from kd.io import file_sha256, load_json, save_json, save_torch
 from kd.losses.base import DistillationLoss, loss_factory
 from kd.run_folder import (FAILED, FINISHED, RESULTS, RUNNING, STATE, STUDENT, claim, decisive_config, owned,
                            wandb_group, write_status)
@@ -140,12 +140,16 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
 
     teacher_model = teachers.load_or_train(cfg, splits, device, dtype)
     student, teacher, loss_fn = build_networks(cfg, prepared, teacher_model, splits.train_y)
-    teacher_test_acc = accuracy(teacher, splits.test_x, splits.test_y, cfg.trainer.eval_batch_size, dtype)
-    log.info("teacher %s test_acc %.4f", cfg.model.teacher.name, teacher_test_acc)
+    teacher_sha256 = file_sha256(teachers.checkpoint_path(cfg.model.teacher))
+    logits_dir = to_absolute_path(cfg.teacher_cache.dir) if cfg.teacher_cache.enabled else None
+    teacher_acc = {split: logits_accuracy(teacher_logits(teacher, cfg.model.teacher, teacher_sha256, x, y,
+                                                         cfg.trainer.eval_batch_size, dtype, logits_dir), y)
+                   for split, x, y in (("test", splits.test_x, splits.test_y), ("val", splits.val_x, splits.val_y))}
+    log.info("teacher %s test_acc %.4f", cfg.model.teacher.name, teacher_acc["test"])
     if loss_fn.scale_note():
         log.info("%s", loss_fn.scale_note())
 
-    cache = teacher_cache.from_config(cfg, splits, teachers.checkpoint_path(cfg.model.teacher), device, dtype,
+    cache = teacher_cache.from_config(cfg, splits, teacher_sha256, device, dtype,
                                       prepared.acceleration) if loss_fn.needs_teacher else None
     logger = instantiate(cfg.logger)
     logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir, group, cfg.method.name, record["wandb_id"])
@@ -182,7 +186,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
         "resumed_from_epoch": result.resumed_from_epoch,
         "history": result.history,
         "teacher": {"arch": cfg.model.teacher.name, "ckpt": str(teachers.checkpoint_path(cfg.model.teacher)),
-                    "test_acc": teacher_test_acc},
+                    "test_acc": teacher_acc["test"], "val_acc": teacher_acc["val"]},
         "student": {"arch": cfg.model.student.name,
                     "params": sum(p.numel() for p in student.model.parameters())},
         "data": {"name": cfg.data.name, "train": len(splits.train_y), "val": len(splits.val_y),

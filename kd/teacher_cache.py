@@ -33,8 +33,8 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from kd.data import Splits
-from kd.device import Acceleration, autocast
-from kd.io import exclusive, file_sha256, save_json, save_torch, tensors_sha256
+from kd.device import Acceleration, autocast, numerics
+from kd.io import exclusive, save_json, save_torch, tensors_sha256
 from kd.taps import Outputs, TappedModel, resolve
 from kd.validation import ConfigError
 
@@ -42,13 +42,6 @@ log = logging.getLogger(__name__)
 
 LOGITS = "logits"
 STALE_TMP_S = 24 * 3600  # a temporary file this old belongs to no running writer
-
-
-def numerics(device: torch.device, dtype: torch.dtype, acceleration: Acceleration) -> dict:
-    """What else decides the teacher's bits: entries made elsewhere are not reused, so reuse never changes a result."""
-    kind = f"cpu-{torch.backends.cpu.get_cpu_capability()}" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    return {"device": kind, "precision": str(dtype).removeprefix("torch."), **dataclasses.asdict(acceleration),
-            "torch": torch.__version__}
 
 
 class EpochOutputs:
@@ -194,17 +187,17 @@ def for_run(cfg: DictConfig, splits: Splits, teacher_sha256: str, device: torch.
     key = {"teacher": {"arch": teacher.name, "sha256": teacher_sha256,
                        "normalization": [list(teacher.normalization.mean), list(teacher.normalization.std)]},
            "data": {"name": cfg.data.name, "train_sha256": tensors_sha256(splits.train_x, splits.train_y)},
-           "seed": cfg.seed, **numerics(device, dtype, acceleration)}
+           "seed": cfg.seed, **numerics(device, dtype), **dataclasses.asdict(acceleration)}
     taps = {name: resolve(name, teacher.taps, teacher.name) for name in cfg.method.taps}
     return TeacherCache(directory, cfg.teacher_cache.max_gb, key, taps, cfg.optim.batch_size, device)
 
 
-def from_config(cfg: DictConfig, splits: Splits, teacher_ckpt: Path, device: torch.device, dtype: torch.dtype,
+def from_config(cfg: DictConfig, splits: Splits, teacher_sha256: str, device: torch.device, dtype: torch.dtype,
                 acceleration: Acceleration) -> TeacherCache | None:
     """The run's cache in `teacher_cache.dir`, or None when `teacher_cache.enabled` is false."""
     if not cfg.teacher_cache.enabled:  # settings checked by check_settings before any work started
         return None
-    return for_run(cfg, splits, file_sha256(teacher_ckpt), device, dtype, acceleration,
+    return for_run(cfg, splits, teacher_sha256, device, dtype, acceleration,
                    to_absolute_path(cfg.teacher_cache.dir))
 
 

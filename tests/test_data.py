@@ -100,7 +100,7 @@ def test_imagefolder_decodes_every_image_with_sorted_class_indices(tmp_path):
                 image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
                 Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / split / name / f"{i}.png")
                 written[(split, sorted(classes).index(name), i)] = image
-    train_x, train_y, test_x, test_y = imagefolder(str(tmp_path), num_classes=3)
+    train_x, train_y, test_x, test_y = imagefolder(str(tmp_path), num_classes=3, cache_dir=None)
     assert train_x.shape == (9, 3, 32, 32) and train_x.dtype == torch.uint8 and test_x.shape == (6, 3, 32, 32)
     assert train_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert torch.equal(train_x[3], written[("train", 1, 0)]) and torch.equal(test_x[5], written[("test", 2, 1)])
@@ -140,7 +140,7 @@ def test_hidden_files_are_skipped(tmp_path):
     root = _image_folder(tmp_path)
     (root / "train" / "cat" / ".DS_Store").write_bytes(b"")
     (root / "train" / ".hidden_class").mkdir()
-    train_x, train_y, _, _ = imagefolder(str(root), num_classes=2)
+    train_x, train_y, _, _ = imagefolder(str(root), num_classes=2, cache_dir=None)
     assert len(train_y) == 4 and train_y.tolist() == [0, 0, 1, 1]
 
 
@@ -172,4 +172,24 @@ def test_each_broken_image_folder_names_the_file_or_the_count(tmp_path, damage, 
         shutil.rmtree(root / "train" / "dog")
         (root / "train" / "dog").mkdir()
     with pytest.raises(DataError, match=message):
-        imagefolder(str(root), num_classes=num_classes)
+        imagefolder(str(root), num_classes=num_classes, cache_dir=None)
+
+
+def test_a_folder_is_decoded_once_and_again_when_its_content_changes(tmp_path, monkeypatch):
+    import os
+
+    from kd import data
+    root, cache = _image_folder(tmp_path / "images", fmt="JPEG"), tmp_path / "cache"
+    decoded = []
+    original = data._decode
+    monkeypatch.setattr(data, "_decode", lambda file: decoded.append(file) or original(file))
+    first = data.imagefolder(str(root), num_classes=2, cache_dir=str(cache))
+    assert len(decoded) == 8 and len(list(cache.glob("imagefolder-*.pt"))) == 1
+    again = data.imagefolder(str(root), num_classes=2, cache_dir=str(cache))
+    assert len(decoded) == 8  # read, not decoded
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first, data.imagefolder(str(root), 2, cache_dir=None)))
+    file = root / "train" / "cat" / "0.jpeg"
+    os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 1_000_000))
+    data.imagefolder(str(root), num_classes=2, cache_dir=str(cache))
+    assert len(decoded) == 8 + 8 + 8 and len(list(cache.glob("imagefolder-*.pt"))) == 2

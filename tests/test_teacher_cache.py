@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY, compose_config
 from kd import trainer as trainer_module
@@ -202,3 +203,31 @@ def test_an_unreadable_file_is_computed_again(tmp_path, caplog):
 def test_bad_settings_name_the_value(override, message, random_teacher_ckpts, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=message):
         _run(tmp_path, monkeypatch, "bad", [*_common(random_teacher_ckpts["resnet20"], tmp_path / "c", "kd"), override])
+
+
+def test_the_teachers_split_logits_are_computed_once_for_runs_and_the_report(random_teacher_ckpts, tmp_path,
+                                                                               monkeypatch):
+    from kd import evaluation
+    from kd.report.collect import collect
+    from kd.report.evaluate import Evaluator, LatencySettings
+    calls = []
+    original = evaluation.predict_logits
+    monkeypatch.setattr(evaluation, "predict_logits", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
+    common = _common(random_teacher_ckpts["resnet20"], tmp_path / "cache", "ce")[:-1]  # kd_epochs=2 dropped below
+    first = _run(tmp_path, monkeypatch, "first", [*common, "kd_epochs=1", f"teacher_cache.dir={tmp_path / 'cache'}"])
+    teacher_evaluations = len(calls)
+    assert teacher_evaluations >= 2  # the teacher on test and val (the student's own evaluations come on top)
+    second = _run(tmp_path, monkeypatch, "second", [*common, "kd_epochs=1", "seed=3",
+                                                    f"teacher_cache.dir={tmp_path / 'cache'}"])
+    assert len(calls) == 2 * teacher_evaluations - 2  # the same student evaluations, no teacher evaluation
+    assert second["teacher"] == first["teacher"] and 0 < first["teacher"]["val_acc"] <= 1
+    (tmp_path / "first" / ".hydra").mkdir()  # the report reads a run's config from there, as Hydra writes it
+    config = compose_config([*common, "kd_epochs=1", f"teacher_cache.dir={tmp_path / 'cache'}"])
+    (tmp_path / "first" / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    before = len(calls)
+    (job,) = collect([tmp_path / "first"])
+    evaluator = Evaluator(torch.device("cpu"), LatencySettings(8, 0, 0))
+    teacher = evaluator.teacher(job)
+    assert len(calls) == before and teacher.error == ""  # the report read the run's logits
+    labels = evaluator.test_split(job)[1]
+    assert (teacher.logits.argmax(1) == labels).double().mean().item() == pytest.approx(first["teacher"]["test_acc"])

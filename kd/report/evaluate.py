@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from kd.checkpoints import load_weights
 from kd.data import build_splits
 from kd.device import resolve_precision
-from kd.evaluation import predict_logits
+from kd.evaluation import predict_logits, teacher_logits
+from kd.io import file_sha256
 from kd.report.collect import Job
 from kd.report.complexity import complexity
 from kd.run_folder import STUDENT
@@ -79,12 +80,24 @@ class Evaluator:
             self._splits[key] = (splits.test_x, splits.test_y)
         return self._splits[key]
 
-    def _logits(self, job: Job, model_cfg: DictConfig, weights: Path) -> torch.Tensor:
+    def _network(self, model_cfg: DictConfig, weights: Path):
         model = instantiate(model_cfg.arch)
         load_weights(model, weights)
-        net = tapped(model_cfg, model.to(self.device), [])
+        return tapped(model_cfg, model.to(self.device), [])
+
+    def _logits(self, job: Job, model_cfg: DictConfig, weights: Path) -> torch.Tensor:
         dtype = resolve_precision(job.cfg.trainer.precision, self.device)
-        return predict_logits(net, self.test_split(job)[0], job.cfg.trainer.eval_batch_size, dtype)
+        return predict_logits(self._network(model_cfg, weights), self.test_split(job)[0],
+                              job.cfg.trainer.eval_batch_size, dtype)
+
+    def _teacher_logits(self, job: Job, ckpt: Path) -> torch.Tensor:
+        """As the runs computed them: read from the teacher cache when a run (or an earlier report) kept them."""
+        cache = job.cfg.get("teacher_cache")
+        directory = job.launch_dir / str(cache.dir) if cache is not None and cache.enabled else None
+        dtype = resolve_precision(job.cfg.trainer.precision, self.device)
+        images, labels = self.test_split(job)
+        return teacher_logits(self._network(job.cfg.model.teacher, ckpt), job.cfg.model.teacher, file_sha256(ckpt),
+                              images, labels, job.cfg.trainer.eval_batch_size, dtype, directory)
 
     def teacher(self, job: Job) -> Teacher:
         ckpt = teacher_checkpoint(job)
@@ -92,7 +105,7 @@ class Evaluator:
         if key not in self._teachers:
             teacher = Teacher(key, str(job.cfg.model.teacher.name), ckpt, None)
             try:
-                teacher.logits = self._logits(job, job.cfg.model.teacher, ckpt)
+                teacher.logits = self._teacher_logits(job, ckpt)
             except Exception as err:  # one unreadable teacher must not sink the whole report
                 teacher.error = f"teacher {ckpt}: {type(err).__name__}: {err}"
             self._teachers[key] = teacher
