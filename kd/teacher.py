@@ -17,6 +17,7 @@ from kd.checkpoints import load_weights
 from kd.data import DataError, Splits
 from kd.io import exclusive, load_json, save_json, save_torch
 from kd.losses.ce import CrossEntropy
+from kd.evaluation import accuracy
 from kd.taps import tapped
 from kd.trainer import Trainer
 
@@ -71,6 +72,15 @@ def load_or_train(cfg: DictConfig, splits: Splits, device: torch.device, dtype: 
     return model.to(device).eval().requires_grad_(False)
 
 
+def measure(cfg: DictConfig, splits: Splits, device: torch.device, dtype: torch.dtype) -> dict:
+    """The teacher's validation and test accuracy (its checkpoint loaded afresh, as a run sees it)."""
+    model = instantiate(cfg.model.teacher.arch)
+    load_weights(model, checkpoint_path(cfg.model.teacher))
+    net = tapped(cfg.model.teacher, model.to(device).eval(), [])
+    return {split: accuracy(net, x, y, cfg.trainer.eval_batch_size, dtype)
+            for split, x, y in (("val_acc", splits.val_x, splits.val_y), ("test_acc", splits.test_x, splits.test_y))}
+
+
 def _train(cfg: DictConfig, model: torch.nn.Module, path: Path, splits: Splits, device: torch.device,
            dtype: torch.dtype) -> None:
     recipe = cfg.teacher_training
@@ -82,10 +92,12 @@ def _train(cfg: DictConfig, model: torch.nn.Module, path: Path, splits: Splits, 
                       cfg.trainer.eval_batch_size, label=f"teacher {cfg.model.teacher.name}",
                       state_path=path.with_name(path.name + ".training-state"), progress=cfg.trainer.progress_bar)
     result = trainer.fit()
+    test_acc = accuracy(net, splits.test_x, splits.test_y, cfg.trainer.eval_batch_size, dtype)
+    net.close()
     save_torch({"state_dict": model.state_dict(), "best_epoch": result.best_epoch,
                 "val_acc": result.best_val_acc}, path)
     save_json({"arch": cfg.model.teacher.name, "data": data_identity(cfg, splits), "epochs": recipe.epochs,
-               "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "history": result.history},
-              sidecar(path))
+               "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "test_acc": test_acc,
+               "history": result.history}, sidecar(path))
     path.with_name(path.name + ".training-state").unlink(missing_ok=True)
     log.info("teacher saved to %s (best epoch %d, val_acc %.4f)", path, result.best_epoch, result.best_val_acc)

@@ -76,6 +76,18 @@ def test_feature_losses_print_their_effective_scale_first(method, note, tmp_path
     assert any(line.startswith(note) for line in lines[:6]), lines[:6]
 
 
+def test_a_cifar100_preset_runs_one_epoch_on_a_small_synthetic_100_class_set(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(["experiment=resnet56_resnet20", "method=dkd", *TINY, "data.num_classes=100",
+                      "data.source.num_train=400", "kd_epochs=1", "teacher_training.epochs=1",
+                      f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["teacher"]["arch"] == "resnet56" and results["student"]["arch"] == "resnet20"
+    assert results["student"]["params"] == 278_324  # resnet20 with the benchmark's projection shortcuts, 100 classes
+    assert "cifar100-benchmark" in results["teacher"]["ckpt"] and len(results["history"]) == 1
+
+
 def test_grid_sweep_over_loss_parameters(tmp_path, random_teacher_ckpts):
     sweep = tmp_path / "grid"
     proc = run_train(["-m", "method=kd", "method.loss.temperature=2,8", *TINY, "kd_epochs=1",

@@ -11,7 +11,7 @@ from conftest import CONF, METHODS, MODELS, compose_config
 from kd.losses.base import DistillationLoss, loss_factory
 
 GROUPS = {"data": "data", "model@model.teacher": "model", "model@model.student": "model", "optim": "optim",
-          "method": "method", "logger": "logger"}
+          "method": "method", "logger": "logger", "teacher_training": "teacher_training", "experiment": "experiment"}
 
 
 @pytest.mark.parametrize("override,option", [(key, p.stem) for key, folder in GROUPS.items()
@@ -19,7 +19,7 @@ GROUPS = {"data": "data", "model@model.teacher": "model", "model@model.student":
 def test_every_option_composes_and_resolves(override, option):
     cfg = compose_config([f"{override}={option}"])
     container = OmegaConf.to_container(cfg, resolve=True)
-    assert container["kd_epochs"] == 10
+    assert container["kd_epochs"] == (240 if override == "experiment" else 10)
 
 
 def test_the_lists_come_from_the_folders():
@@ -70,10 +70,11 @@ def test_kd_epochs_reaches_schedule_and_there_is_no_second_epoch_key():
 def test_kd_epochs_is_defined_once():
     """No training config sets the student's epochs other than through ${kd_epochs}.
 
-    conf/bench/ is excluded: the benchmark preset overrides it to 1, as a command-line override would.
+    conf/bench/ and the experiment recipes are excluded: they override it (to 1 for the benchmark, to the field's
+    240 for the CIFAR-100 presets), as a command-line override would.
     """
     defined = [str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")
-               if "kd_epochs:" in p.read_text() and p.parent.name != "bench"]
+               if "kd_epochs:" in p.read_text() and p.parent.name not in ("bench", "recipes")]
     assert defined == ["config.yaml"]
 
 
@@ -96,3 +97,17 @@ def test_defaults_are_the_notebooks():
     assert cfg.optim.batch_size == 64 and cfg.optim.optimizer.momentum == 0.9
     assert cfg.optim.optimizer.weight_decay == 5e-4
     assert cfg.model.teacher.name == "resnet18" and cfg.model.student.name == "smallnet"
+
+
+def test_a_preset_is_the_fields_recipe_for_its_pair_and_the_command_line_still_wins():
+    cfg = compose_config(["experiment=resnet32x4_resnet8x4"])
+    assert (cfg.data.name, cfg.model.teacher.name, cfg.model.student.name) == ("cifar100", "resnet32x4", "resnet8x4")
+    assert cfg.model.teacher.arch.shortcut == cfg.model.student.arch.shortcut == "projection"
+    assert cfg.kd_epochs == 240 and cfg.teacher_training.epochs == 240 and cfg.optim.optimizer.lr == 0.05
+    scheduler = instantiate(cfg.optim.scheduler)(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05))
+    assert scheduler.milestones == {150: 1, 180: 1, 210: 1}
+    assert "cifar100-benchmark" in cfg.model.teacher.ckpt
+    assert compose_config(["experiment=vgg13_mobilenetv2"]).optim.optimizer.lr == 0.01
+    short = compose_config(["experiment=resnet56_resnet20", "kd_epochs=24"])
+    scheduler = instantiate(short.optim.scheduler)(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05))
+    assert short.kd_epochs == 24 and scheduler.milestones == {15: 1, 18: 1, 21: 1}

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from kd.report.collect import OK, Job
 from kd.report.tables import students
 
-NUMBERS = {"test_acc": ".4f", "test_loss": ".4f", "ece": ".4f", "agreement": ".4f", "kl": ".4f", "cosine": ".4f",
+NUMBERS = {"difference": "+.2f", "difference_last": "+.2f", "test_acc": ".4f", "test_loss": ".4f", "ece": ".4f", "agreement": ".4f", "kl": ".4f", "cosine": ".4f",
            "entropy": ".4f", "train_acc": ".4f", "val_acc": ".4f", "train_time_sec": ".1f", "latency_ms": ".4f",
            "params_ratio": ".1f", "macs_ratio": ".1f", "latency_ratio": ".1f", "average_rank": ".2f"}
 
@@ -130,3 +130,21 @@ def report(title: str, summary: pd.DataFrame, ranks: pd.DataFrame, seeds: pd.Dat
         link("reliability", "reliability diagrams"),
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def published_section(beside: pd.DataFrame) -> str:
+    """Our CIFAR-100 numbers beside the published ones (kd/report/published.py), with each source."""
+    shown = beside.assign(ours=[f"{m:.2f} ± {s:.2f}" if s == s else f"{m:.2f}" for m, s in zip(beside.ours_mean, beside.ours_std)],
+                          ours_last=[f"{m:.2f} ± {s:.2f}" if s == s else (f"{m:.2f}" if m == m else "")
+                                     for m, s in zip(beside.ours_last_mean, beside.ours_last_std)],
+                          published=[f"{m:.2f} ± {s:.2f}" if s == s else f"{m:.2f}" for m, s in zip(beside.top1, beside.top1_std)])
+    return "\n\n".join([
+        "## Published results beside ours (CIFAR-100 top-1, %; published.csv)",
+        "Ours: the test accuracy of the best epoch by validation accuracy (`ours`) and of the last epoch "
+        "(`ours_last`), mean ± standard deviation over seeds; published: as the paper's table gives it (each "
+        "paper's own protocol: most report the mean of several runs of the same 240-epoch recipe). Every row "
+        "names its paper, table and row; `published.csv` adds where the number was read.",
+        table(shown.rename(columns={"row": "paper's row", "seeds": "our seeds"}),
+              ["teacher", "student", "method", "paper's row", "paper", "table", "published", "our seeds", "ours",
+               "difference", "ours_last", "difference_last"]),
+    ]) + "\n"

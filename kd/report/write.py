@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 
 from kd.io import save_text
-from kd.report import markdown, plots, tables
+from kd.report import markdown, plots, published, tables
 from kd.report.collect import collect
 from kd.report.evaluate import Evaluator, LatencySettings
 from kd.report.rows import evaluate_jobs
@@ -58,9 +58,15 @@ def write_report(folders: list[Path], device: torch.device, latency: LatencySett
              "accuracies are fractions; KL is KL(teacher || student) of the softmax outputs; MACs and FLOPs per "
              "32x32 image (torch.utils.flop_counter, FLOPs = 2 x MACs)"]
     text = markdown.report("Comparison report", summary, ranks, seeds, list(by_label.values()), drawn, out, notes)
+    beside = published.comparison(jobs)
+    if len(beside):
+        text += "\n" + markdown.published_section(beside)
     files = [out / "report.md", out / "summary.csv", out / "ranks.csv", out / "seeds.csv"]
     save_text(text, files[0])
     for df, path in zip((summary, ranks, seeds), files[1:]):
         save_text(df.to_csv(index=False), path)
+    if len(beside):
+        files.append(out / "published.csv")
+        save_text(beside.to_csv(index=False), files[-1])
     wandb_dir = log_report(jobs, {"summary": summary, "ranks": ranks, "seeds": seeds}, drawn, out, wandb_mode)
     return Written(out, files + list(drawn.values()), summary, ranks, seeds, wandb_dir)
