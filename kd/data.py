@@ -231,17 +231,20 @@ def build_splits(arrays: Arrays, val_fraction: float, split_seed: int, num_class
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a training step sits in the run: 0-based epoch and step, steps per epoch, epochs in all."""
+    """Where a training step sits in the run: 0-based epoch and step, steps per epoch, epochs in all, and
+    `epochs_done`, the epochs completed once this step is done (0.5 = half of the first epoch), as a 0-dim
+    tensor: schedules computed from it stay tensors, so a compiled step reads a new value each step instead of
+    being compiled again for it (the trainer hands one on the training device; by default it is made here)."""
 
     epoch: int
     step: int
     steps: int
     epochs: int
+    epochs_done: torch.Tensor = None  # type: ignore[assignment]
 
-    @property
-    def epochs_done(self) -> float:
-        """Epochs completed once this step is done, counted per step (0.5 = half of the first epoch)."""
-        return self.epoch + (self.step + 1) / self.steps
+    def __post_init__(self):
+        if self.epochs_done is None:
+            object.__setattr__(self, "epochs_done", torch.tensor(self.epoch + (self.step + 1) / self.steps))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ class Acceleration:
     """How the networks execute (`trainer.*` switches): speed only, results change at most by float rounding."""
 
     channels_last: bool = False           # NHWC weights and activations
-    compile: bool = False                 # torch.compile student and teacher
+    compile: bool = False                 # torch.compile the teacher, and the student's forward with the loss
     fold_teacher_batchnorm: bool = False  # the frozen teacher's BatchNorms folded into its convolutions
 
     @classmethod

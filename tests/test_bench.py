@@ -66,3 +66,24 @@ def test_compile_flag_runs_on_cpu(random_teacher_ckpts, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(results["history"]) == 1 and results["teacher_cache"]["epochs_computed"] == 1
+
+
+@pytest.mark.slow
+def test_the_compiled_step_matches_the_eager_one_and_compiles_once(random_teacher_ckpts, tmp_path, monkeypatch):
+    """fitnet's weight ramps every step: it must reach the compiled graph as data, not recompile it per step."""
+    import torch._dynamo
+
+    def run(compiled):
+        (tmp_path / str(compiled)).mkdir()
+        monkeypatch.chdir(tmp_path / str(compiled))
+        return train(compose_config([*TINY, "method=fitnet", "kd_epochs=2", "data.source.num_train=300",
+                                     "model@model.teacher=resnet20", f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}",
+                                     f"trainer.compile={compiled}", "teacher_cache.enabled=false"]))
+    eager = run(False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = run(True)
+    for a, b in zip(eager["history"], compiled["history"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3) and b["terms"]["hint"] == pytest.approx(a["terms"]["hint"], rel=1e-3)
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["ok"] <= 4, dict(frames)  # the step and the teacher, plus the teacher's partial batch: not per step
