@@ -12,7 +12,8 @@ from kd.run import train
 
 TINY_BENCH = ["data=synthetic", "data.source.num_train=300", "data.source.num_test=100", "bench.images=128",
               "bench.val_images=32", "bench.workers=0", "bench.pipeline_epochs=1", "model@model.teacher=smallnet",
-              "bench.methods=[ce,at,kd]", "device=cpu", "bench.out=bench.json"]
+              "bench.methods=[ce,at,kd]", "device=cpu", "bench.out=bench.json", "bench.steps=3",
+              "bench.step_warmup=2"]
 
 
 def test_tiny_benchmark_prints_its_table_and_command_and_writes_json(tmp_path, monkeypatch, capsys):
@@ -24,8 +25,15 @@ def test_tiny_benchmark_prints_its_table_and_command_and_writes_json(tmp_path, m
                 "3-method sweep: harness, teacher per batch", "3-method sweep: harness, teacher reused"):
         assert row in printed, printed
     assert f"command: python -m kd.bench {shlex.join(TINY_BENCH)}" in printed
+    assert "per step (batch 64, median of 3" in printed and "roofline: none (no bf16 peak is listed for a CPU)" in printed
+    assert "  cold: " in printed and "  warm: " in printed
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert set(report) >= {"command", "environment", "settings", "pipeline", "kd_epoch", "sweep", "ratios"}
+    assert set(report) >= {"command", "environment", "settings", "pipeline", "kd_epoch", "sweep", "ratios", "steps", "runs"}
+    steps = report["steps"]
+    assert all(steps[k] > 0 for k in ("classic_ms", "harness_eager_ms", "harness_compiled_ms", "flops_per_step"))
+    assert 0 < steps["device_busy_fraction"] <= 1
+    runs = report["runs"]
+    assert runs["warm"]["wall_sec"] > runs["warm"]["epoch_sec"] > 0 and "method=kd" in runs["command"]
     assert report["settings"]["images"] == 128 and report["pipeline"]["classic"]["batches"] == 2
     assert report["pipeline"]["harness"]["batches"] == 2
     assert all(v is None or v > 0 for v in report["ratios"].values())

@@ -84,6 +84,11 @@ def run(argv: list[str]) -> dict:
         out["kd_epoch"]["harness_bf16"] = measure.harness_epoch(kd_cfg, s, torch.bfloat16)
     else:
         out["kd_epoch"]["bf16_skipped"] = why
+    say(f"per-step times of a vanilla-KD step: classic, harness eager, harness compiled ({cfg.bench.steps} steps)")
+    out["steps"] = measure.steps(kd_cfg, s, resolve_precision(cfg.trainer.precision, s.device))
+    if cfg.bench.runs:
+        say("two whole train.py runs (kd, one epoch): cold caches, then warm")
+        out["runs"] = measure.runs(argv, cfg, s)
     say(f"{len(methods)}-method sweep, one epoch each")
     dtype = resolve_precision(cfg.trainer.precision, s.device)  # as train.py would run: bf16 on CUDA, fp32 on CPU
     out["sweep"] = measure.sweep(lambda m: compose_bench(argv, m), methods, s, dtype, say)

@@ -43,19 +43,24 @@ def train_epoch(student: TappedModel, loss_fn, teacher: TappedModel | None, opti
     loss_fn.train()
     running_loss, correct, seen = 0.0, 0, 0
     for step, (images, labels, indices) in enumerate(batches):
-        images, labels = images.to(device), labels.to(device)
-        with torch.no_grad():
-            target = teacher(images) if teacher is not None else None
-        outputs: Outputs = student(images)
-        batch = Batch(images, labels, indices.to(device), Progress(0, step, len(batches), 1))
-        loss = loss_fn(outputs, target, batch).total
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        running_loss += loss.item() * len(labels)
-        correct += (outputs.logits.argmax(1) == labels).sum().item()
+        batch = Batch(images.to(device), labels.to(device), indices.to(device), Progress(0, step, len(batches), 1))
+        loss, right = train_step(student, loss_fn, teacher, optimizer, batch)
+        running_loss += loss * len(labels)
+        correct += right
         seen += len(labels)
     return {"loss": running_loss / seen, "train_acc": correct / seen}
+
+
+def train_step(student: TappedModel, loss_fn, teacher: TappedModel | None, optimizer, batch: Batch) -> tuple[float, int]:
+    """One step as the notebook took it: the teacher's forward, the student's, backward, step, `.item()`."""
+    with torch.no_grad():
+        target = teacher(batch.images) if teacher is not None else None
+    outputs: Outputs = student(batch.images)
+    loss = loss_fn(outputs, target, batch).total
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item(), (outputs.logits.argmax(1) == batch.labels).sum().item()
 
 
 def accuracy(student: TappedModel, batches, device: torch.device) -> float:

@@ -6,9 +6,15 @@ so no hook, memory format or compilation leaks from one measurement into the nex
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import shlex
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +25,7 @@ from omegaconf import DictConfig
 from kd import run, teacher_cache
 from kd import teacher as teachers
 from kd.bench import classic
+from kd.bench import steps as step_times
 from kd.checkpoints import load_weights
 from kd.data import DeviceLoader, Splits
 from kd.device import synchronize
@@ -26,6 +33,7 @@ from kd.io import tensors_sha256
 from kd.trainer import Trainer
 
 log = logging.getLogger(__name__)
+TRAIN = Path(__file__).resolve().parents[2] / "train.py"
 
 
 @dataclass
@@ -146,6 +154,53 @@ def harness_epoch(cfg: DictConfig, s: Setup, dtype: torch.dtype, cache_dir: str 
     return {"seconds": seconds, "images_per_sec": s.images / seconds, "precision": str(dtype).removeprefix("torch."),
             "loss": record["loss"], "train_acc": record["train_acc"], "val_acc": record["val_acc"],
             "teacher_epochs_reused": cache.reused if cache else 0}
+
+
+def steps(cfg: DictConfig, s: Setup, dtype: torch.dtype) -> dict:
+    """Per-step times of one vanilla-KD step: classic, harness eager, harness compiled (kd/bench/steps.py)."""
+    def make_trainer(compiled: bool) -> Trainer:
+        student, loss, teacher = _networks(cfg, s, plain=False)
+        acceleration = dataclasses.replace(s.prepared.acceleration, compile=compiled)
+        return Trainer(student, loss, teacher, s.splits, cfg.optim, cfg.kd_epochs, cfg.seed, dtype,
+                       cfg.trainer.eval_batch_size, label=cfg.method.name, progress=False, acceleration=acceleration)
+
+    def make_classic():
+        student, loss, teacher = _networks(cfg, s, plain=True)
+        optimizer = instantiate(cfg.optim.optimizer)([p for p in [*student.parameters(), *loss.parameters()]
+                                                      if p.requires_grad])
+        return student, loss, teacher, optimizer
+    return step_times.measure(cfg, make_trainer, make_classic, s.device, cfg.bench.steps, cfg.bench.step_warmup)
+
+
+def runs(argv: list[str], cfg: DictConfig, s: Setup) -> dict:
+    """Whole `python train.py method=kd kd_epochs=1` runs, process start to exit, with fresh caches (cold) and
+    then with the caches the first filled (warm: decoded images, the teacher's split logits and epoch outputs)."""
+    with tempfile.TemporaryDirectory(prefix="kd-bench-runs-") as tmp:
+        tmp = Path(tmp)
+        ckpt = teachers.checkpoint_path(cfg.model.teacher)
+        if not ckpt.exists():  # the benchmark's random teacher, saved so the run loads instead of training one
+            ckpt = tmp / "teacher.pt"
+            torch.save(s.teacher_state, ckpt)
+        common = [a for a in argv if not a.startswith(("bench.", "method=", "kd_epochs="))]
+        common += [f"model.teacher.ckpt={ckpt}", f"data.train_subset={s.images}", "method=kd", "kd_epochs=1",
+                   "logger=none", "trainer.progress_bar=false", f"teacher_cache.dir={tmp / 'cache'}"]
+        if "cache_dir" in cfg.data.source:
+            common.append(f"data.source.cache_dir={tmp / 'decoded'}")
+        if not any(a.startswith(("data=", "+data=")) for a in argv):
+            common += list(cfg.bench.default_data)
+        out = {}
+        for name in ("cold", "warm"):
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, str(TRAIN), *common, f"hydra.run.dir={tmp / name}"],
+                                  capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise RuntimeError(f"kd.bench: the {name} run failed:\n{proc.stderr[-3000:]}")
+            results = json.loads((tmp / name / "results.json").read_text())
+            out[name] = {"wall_sec": wall, "train_time_sec": results["train_time_sec"],
+                         "epoch_sec": results["history"][0]["seconds"]}
+        out["command"] = shlex.join(["python", "train.py", *common])
+        return out
 
 
 def sweep(cfg_for: Callable[[str], DictConfig], methods: list[str], s: Setup, dtype: torch.dtype, say) -> dict:

@@ -51,4 +51,23 @@ def table(report: dict) -> str:
                                        ("harness_reuse", "harness, teacher reused", r["sweep"], t["sweep"])):
         lines.append(_row(f"{n}-method sweep: {label}", sweep[name]["seconds"],
                           f"{n * s['images'] / sweep[name]['seconds']:.0f} images/s", ratio, target))
+    st = report.get("steps")
+    if st:
+        lines.append("")
+        lines.append(f"per step (batch {st['batch_size']}, median of {st['steps_timed']}, teacher outputs given):")
+        lines.append(f"  classic {st['classic_ms']:.2f} ms, harness eager {st['harness_eager_ms']:.2f} ms "
+                     f"({st['classic_ms'] / st['harness_eager_ms']:.2f}x), harness compiled "
+                     f"{st['harness_compiled_ms']:.2f} ms ({st['classic_ms'] / st['harness_compiled_ms']:.2f}x)")
+        lines.append(f"  device busy {100 * st['device_busy_fraction']:.0f}% of the eager step (launch and host "
+                     f"overhead {100 * st['launch_overhead_fraction']:.0f}%); {st['flops_per_step'] / 1e9:.2f} GFLOP "
+                     "per step; roofline: " + (f"{st['roofline_ms']:.3f} ms at {st['peak_source']} "
+                                                f"(eager at {100 * st['roofline_ms'] / st['harness_eager_ms']:.1f}% "
+                                                "of peak)" if st["roofline_ms"] else f"none ({st['peak_source']})"))
+    runs = report.get("runs")
+    if runs:
+        lines.append("")
+        lines.append("whole runs, process start to exit (python train.py method=kd kd_epochs=1):")
+        for name in ("cold", "warm"):
+            r = runs[name]
+            lines.append(f"  {name}: {r['wall_sec']:.1f} s wall, of which the epoch {r['epoch_sec']:.1f} s")
     return "\n".join(lines)
