@@ -1,9 +1,8 @@
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from kd.losses.base import DistillationLoss, LossParts
-from kd.losses.init_stage import common_size, connector, initialise_student, stage_only
+from kd.losses.base import LossParts
+from kd.losses.init_stage import StudentInitialisation, common_size
 
 
 def boundary_error(s: torch.Tensor, t: torch.Tensor, margin: float) -> torch.Tensor:
@@ -12,7 +11,8 @@ def boundary_error(s: torch.Tensor, t: torch.Tensor, margin: float) -> torch.Ten
     return torch.where(t > 0, F.relu(margin - s), F.relu(margin + s)).pow(2).sum()
 
 
-class ActivationBoundaries(DistillationLoss):
+class ActivationBoundaries(StudentInitialisation):
+    label = "ab"
     """Activation boundaries (Heo, Lee, Yun & Choi, Knowledge Transfer via Distillation of Activation Boundaries
     Formed by Hidden Neurons, AAAI 2019, arXiv:1811.03233), as RepDistiller's ABLoss.
 
@@ -27,22 +27,12 @@ class ActivationBoundaries(DistillationLoss):
 
     def __init__(self, margin: float, weight: float, prepare_epochs: int, prepare_lr: float, prepare_momentum: float,
                  prepare_weight_decay: float, features: list[str], feature_shapes):
-        super().__init__()
-        self.features = list(features)
-        if not self.features:
+        if not features:
             raise ValueError("ab: give at least one pre-ReLU feature, e.g. [stage-3_preact, stage-2_preact, "
                              "stage-1_preact]")
-        self.margin, self.weight, self.prepare_epochs = margin, weight, prepare_epochs
-        self.sgd = {"lr": prepare_lr, "momentum": prepare_momentum, "weight_decay": prepare_weight_decay}
+        super().__init__(features, feature_shapes, prepare_epochs, prepare_lr, prepare_momentum, prepare_weight_decay)
+        self.margin, self.weight = margin, weight
         self.layer_weights = [2.0 ** (i - len(self.features) + 1) for i in range(len(self.features))]
-        student, teacher = feature_shapes["student"], feature_shapes["teacher"]
-        self.connectors = stage_only(nn.ModuleList(connector(student[f][0], teacher[f][0]) for f in self.features))
-        self.connectors.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.connectors.eval()  # fixed after the preparation: BN with the statistics it learnt there
-        return self
 
     def distance(self, student: dict, teacher: dict) -> torch.Tensor:
         total = 0.0
@@ -50,10 +40,6 @@ class ActivationBoundaries(DistillationLoss):
             s, t = common_size(student[f], teacher[f])
             total = total + layer_weight * boundary_error(connect(s), t, self.margin)
         return total / len(student[self.features[0]]) * 3 / 1000
-
-    def prepare(self, preparation):
-        initialise_student(preparation, "ab", self.features, self.connectors,
-                           lambda s, t: self.distance(s.features, t.features), self.prepare_epochs, self.sgd)
 
     def scale_note(self) -> str:
         return (f"ab: {self.prepare_epochs} epoch(s) of the AB loss alone on the student's layers before its epochs, "

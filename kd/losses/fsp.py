@@ -2,8 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.losses.base import DistillationLoss, LossParts
-from kd.losses.init_stage import common_size, connector, initialise_student, stage_only
+from kd.losses.base import LossParts
+from kd.losses.init_stage import StudentInitialisation, common_size
 
 
 def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
@@ -12,7 +12,8 @@ def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     return top.flatten(2) @ bottom.flatten(2).transpose(1, 2) / (bottom.shape[2] * bottom.shape[3])
 
 
-class FSP(DistillationLoss):
+class FSP(StudentInitialisation):
+    label = "fsp"
     """Flow of solution procedure (Yim, Joo, Bae & Kim, A Gift from Knowledge Distillation: Fast Optimization,
     Network Minimization and Transfer Learning, CVPR 2017; no arXiv version), as RepDistiller runs it.
 
@@ -28,30 +29,16 @@ class FSP(DistillationLoss):
 
     def __init__(self, weight: float, prepare_epochs: int, prepare_lr: float, prepare_momentum: float,
                  prepare_weight_decay: float, features: list[str], feature_shapes):
-        super().__init__()
-        self.features = list(features)
-        if len(self.features) < 2:
-            raise ValueError(f"fsp: FSP matrices need at least two consecutive features; got {self.features}, "
+        if len(features) < 2:
+            raise ValueError(f"fsp: FSP matrices need at least two consecutive features; got {list(features)}, "
                              "e.g. [stem, stage-3, stage-2, stage-1]")
-        self.weight, self.prepare_epochs = weight, prepare_epochs
-        self.sgd = {"lr": prepare_lr, "momentum": prepare_momentum, "weight_decay": prepare_weight_decay}
-        student, teacher = feature_shapes["student"], feature_shapes["teacher"]
-        self.connectors = stage_only(nn.ModuleList(connector(student[f][0], teacher[f][0]) for f in self.features))
-        self.connectors.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.connectors.eval()  # fixed after the preparation: BN with the statistics it learnt there
-        return self
+        super().__init__(features, feature_shapes, prepare_epochs, prepare_lr, prepare_momentum, prepare_weight_decay)
+        self.weight = weight
 
     def distance(self, student: dict, teacher: dict) -> torch.Tensor:
         s = [c(student[f]) for c, f in zip(self.connectors, self.features)]
         t = [teacher[f] for f in self.features]
         return sum(F.mse_loss(fsp_matrix(s[i], s[i + 1]), fsp_matrix(t[i], t[i + 1])) for i in range(len(s) - 1))
-
-    def prepare(self, preparation):
-        initialise_student(preparation, "fsp", self.features, self.connectors,
-                           lambda s, t: self.distance(s.features, t.features), self.prepare_epochs, self.sgd)
 
     def scale_note(self) -> str:
         mapped = [f for f, c in zip(self.features, self.connectors) if not isinstance(c, nn.Identity)]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.data import Batch
-from kd.losses.base import Preparation
+from kd.losses.base import DistillationLoss, Preparation
 from kd.taps import Outputs, TappedModel
 
 
@@ -142,3 +142,31 @@ def initialise_student(preparation: Preparation, name: str, features: list[str],
     with modes_kept(student, connectors):
         connectors.train()
         run_stage(preparation, name, epochs, trainable, step_loss, sgd)
+
+
+class StudentInitialisation(DistillationLoss):
+    """What FSP and AB share: stage-only 1x1 connectors from the student's features to the teacher's channels,
+    trained with the student's guided layers on `distance` alone in the preparation, fixed (eval mode) after it."""
+
+    label = ""
+
+    def __init__(self, features: list[str], feature_shapes, prepare_epochs: int, prepare_lr: float,
+                 prepare_momentum: float, prepare_weight_decay: float):
+        super().__init__()
+        self.features, self.prepare_epochs = list(features), prepare_epochs
+        self.sgd = {"lr": prepare_lr, "momentum": prepare_momentum, "weight_decay": prepare_weight_decay}
+        student, teacher = feature_shapes["student"], feature_shapes["teacher"]
+        self.connectors = stage_only(nn.ModuleList(connector(student[f][0], teacher[f][0]) for f in self.features))
+        self.connectors.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.connectors.eval()  # fixed after the preparation: BN with the statistics it learnt there
+        return self
+
+    def distance(self, student: dict, teacher: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, preparation):
+        initialise_student(preparation, self.label, self.features, self.connectors,
+                           lambda s, t: self.distance(s.features, t.features), self.prepare_epochs, self.sgd)
