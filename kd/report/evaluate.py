@@ -1,4 +1,5 @@
-"""Test-set logits of every teacher and student, rebuilt from each job's own config and saved weights.
+"""Test-set logits and embeddings of every teacher and student, rebuilt from each job's own config and saved
+weights (the embedding: the model config's `embed` tap, the pooled vector its classifier reads).
 
 Each test split and each teacher is evaluated once (keyed by data source, and by checkpoint + architecture),
 however many jobs share it. Relative paths in a config are taken from the folder the sweep was launched in.
@@ -16,13 +17,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kd.checkpoints import load_weights
-from kd.data import build_splits
-from kd.device import resolve_precision
-from kd.evaluation import predict_logits
+from kd.data import build_splits, eval_batches
+from kd.device import autocast, resolve_precision
 from kd.report.collect import Job
 from kd.report.complexity import complexity
 from kd.run_folder import STUDENT
-from kd.taps import tapped
+from kd.taps import TappedModel, tapped
+
+EMBED = "embed"
 
 
 @dataclass
@@ -38,7 +40,27 @@ class Teacher:
     arch: str
     ckpt: Path
     logits: torch.Tensor | None
+    embed: torch.Tensor | None = None
     error: str = ""
+
+
+@dataclass
+class Predictions:
+    logits: torch.Tensor
+    embed: torch.Tensor
+
+
+@torch.inference_mode()
+def predict(net: TappedModel, images: torch.Tensor, batch_size: int, dtype: torch.dtype) -> Predictions:
+    """Logits and flattened embeddings over a split, in eval mode, in the run's precision."""
+    net.eval()
+    logits, embed = [], []
+    with autocast(images.device, dtype):
+        for x, _ in eval_batches(images, images, batch_size):
+            out = net(x)
+            logits.append(out.logits.float())
+            embed.append(out.features[EMBED].float().flatten(1))
+    return Predictions(torch.cat(logits), torch.cat(embed))
 
 
 @contextlib.contextmanager
@@ -79,12 +101,15 @@ class Evaluator:
             self._splits[key] = (splits.test_x, splits.test_y)
         return self._splits[key]
 
-    def _logits(self, job: Job, model_cfg: DictConfig, weights: Path) -> torch.Tensor:
+    def _predict(self, job: Job, model_cfg: DictConfig, weights: Path) -> Predictions:
         model = instantiate(model_cfg.arch)
         load_weights(model, weights)
-        net = tapped(model_cfg, model.to(self.device), [])
+        net = tapped(model_cfg, model.to(self.device), [EMBED])
         dtype = resolve_precision(job.cfg.trainer.precision, self.device)
-        return predict_logits(net, self.test_split(job)[0], job.cfg.trainer.eval_batch_size, dtype)
+        try:
+            return predict(net, self.test_split(job)[0], job.cfg.trainer.eval_batch_size, dtype)
+        finally:
+            net.close()
 
     def teacher(self, job: Job) -> Teacher:
         ckpt = teacher_checkpoint(job)
@@ -92,14 +117,15 @@ class Evaluator:
         if key not in self._teachers:
             teacher = Teacher(key, str(job.cfg.model.teacher.name), ckpt, None)
             try:
-                teacher.logits = self._logits(job, job.cfg.model.teacher, ckpt)
+                out = self._predict(job, job.cfg.model.teacher, ckpt)
+                teacher.logits, teacher.embed = out.logits, out.embed
             except Exception as err:  # one unreadable teacher must not sink the whole report
                 teacher.error = f"teacher {ckpt}: {type(err).__name__}: {err}"
             self._teachers[key] = teacher
         return self._teachers[key]
 
-    def student(self, job: Job) -> torch.Tensor:
-        return self._logits(job, job.cfg.model.student, job.folder / STUDENT)
+    def student(self, job: Job) -> Predictions:
+        return self._predict(job, job.cfg.model.student, job.folder / STUDENT)
 
     def complexity(self, model_cfg: DictConfig) -> dict:
         """Size and cost of an architecture, measured once per architecture config."""
