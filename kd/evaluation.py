@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd.data import eval_batches
 from kd.device import autocast, numerics
 from kd.io import save_json, save_torch, tensors_sha256
-from kd.taps import TappedModel
+from kd.taps import TappedModel, tapped
 
 
 @torch.inference_mode()
@@ -35,25 +36,57 @@ def logits_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).sum().item() / len(labels)
 
 
-def teacher_logits(model: TappedModel, model_cfg: DictConfig, weights_sha256: str, images: torch.Tensor,
-                   labels: torch.Tensor, batch_size: int, dtype: torch.dtype, directory: str | Path | None) -> torch.Tensor:
-    """A frozen teacher's logits on a whole split, kept in `directory/logits/` so that every later run and report
-    with the same weights, architecture, normalisation, split, batch size and numerics reads them instead of
-    evaluating the teacher again (a minute for ResNet-56 on 10,000 CPU images). No directory: computed."""
+EMBED = "embed"
+
+
+@dataclass
+class Predictions:
+    logits: torch.Tensor
+    embed: torch.Tensor  # the pooled vector the classifier reads (the model config's `embed` tap), flattened
+
+
+@torch.inference_mode()
+def predict(net: TappedModel, images: torch.Tensor, batch_size: int, dtype: torch.dtype) -> Predictions:
+    """Logits and embeddings over a split, in eval mode, in the run's precision; `net` taps `embed`."""
+    was_training = net.training
+    net.eval()
+    logits, embed = [], []
+    with autocast(images.device, dtype):
+        for x, _ in eval_batches(images, images, batch_size):
+            out = net(x)
+            logits.append(out.logits.float())
+            embed.append(out.features[EMBED].float().flatten(1))
+    net.train(was_training)
+    return Predictions(torch.cat(logits), torch.cat(embed))
+
+
+def teacher_predictions(model_cfg: DictConfig, model: torch.nn.Module, weights_sha256: str, images: torch.Tensor,
+                        labels: torch.Tensor, batch_size: int, dtype: torch.dtype,
+                        directory: str | Path | None) -> Predictions:
+    """A frozen teacher's logits and embeddings on a whole split, kept in `directory/predictions/` so that every
+    later run and report with the same weights, architecture, normalisation, split, batch size and numerics reads
+    them instead of evaluating the teacher again (a minute for ResNet-56 on 10,000 CPU images). No directory:
+    computed."""
+    def compute() -> Predictions:
+        net = tapped(model_cfg, model, [EMBED])
+        try:
+            return predict(net, images, batch_size, dtype)
+        finally:
+            net.close()
     if directory is None:
-        return predict_logits(model, images, batch_size, dtype)
+        return compute()
     key = {"weights": weights_sha256, "arch": OmegaConf.to_container(model_cfg.arch, resolve=True),
            "normalization": OmegaConf.to_container(model_cfg.normalization, resolve=True),
            "images": tensors_sha256(images, labels), "batch_size": batch_size, **numerics(images.device, dtype)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(directory) / "logits" / f"{digest}.pt"
+    path = Path(directory) / "predictions" / f"{digest}.pt"
     try:
-        return torch.load(path, map_location=images.device, weights_only=True)
+        return Predictions(**torch.load(path, map_location=images.device, weights_only=True))
     except FileNotFoundError:
         pass
     except Exception:  # unreadable: computed again below and replaced
         path.unlink(missing_ok=True)
-    logits = predict_logits(model, images, batch_size, dtype)
-    save_torch(logits.cpu(), path)  # two jobs racing here write the same bits; os.replace keeps one
+    predictions = compute()
+    save_torch({"logits": predictions.logits.cpu(), "embed": predictions.embed.cpu()}, path)  # racing jobs: same bits
     save_json(key, path.with_suffix(".json"))
-    return logits
+    return predictions

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -54,6 +55,24 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return flat
 
 
+def epoch_record(record: dict) -> dict:
+    """One epoch's step as W&B gets it: results.json's history entry, nested dicts flattened with '/'."""
+    return _flatten(record)
+
+
+def summary_record(results: dict) -> dict:
+    """The run's W&B summary: results.json without the history, flattened the same way."""
+    return _flatten({k: v for k, v in results.items() if k != "history"})
+
+
+def logged_keys(results: dict) -> dict[str, set[str]]:
+    """The keys a W&B run of these results logs: its steps' (`history`) and its summary's (which W&B also fills
+    with each step key's last value). The report's W&B panels are checked against this, so they cannot drift
+    from what the logger writes."""
+    history = set().union(*(epoch_record(h) for h in results.get("history", [])))
+    return {"history": history, "summary": set(summary_record(results)) | history}
+
+
 class WandbLogger(NoLogger):
     """Logs the config, one step per epoch (keys as in results.json's history) and the final summary.
 
@@ -71,6 +90,8 @@ class WandbLogger(NoLogger):
         import wandb
 
         s = self.settings
+        if os.environ.get("WANDB_SWEEP_ID"):  # under `wandb agent`: the run is the one the agent created for it
+            run_id = None
         init = functools.partial(wandb.init, project=s["project"], entity=s["entity"], config=config,
                                  group=s["group"] or group, name=s["name"] or name, tags=s["tags"], id=run_id,
                                  resume="allow", dir=str(run_dir), reinit="finish_previous",
@@ -90,13 +111,12 @@ class WandbLogger(NoLogger):
     @_never_raise
     def log_epoch(self, record: dict) -> None:
         if self.run is not None:
-            self.run.log(_flatten(record), step=record["epoch"])
+            self.run.log(epoch_record(record), step=record["epoch"])
 
     @_never_raise
     def log_summary(self, results: dict) -> None:
         if self.run is not None:
-            flat = _flatten({k: v for k, v in results.items() if k != "history"})
-            self.run.summary.update(flat)
+            self.run.summary.update(summary_record(results))
 
     @_never_raise
     def finish(self) -> None:

@@ -20,7 +20,7 @@ from kd import teacher as teachers
 from kd import teacher_cache
 from kd.data import Splits, build_splits
 from kd.device import Acceleration, resolve_device, resolve_precision
-from kd.evaluation import accuracy, logits_accuracy, teacher_logits
+from kd.evaluation import accuracy, logits_accuracy, teacher_predictions
 from kd.io import file_sha256, load_json, save_json, save_torch
 from kd.losses.base import DistillationLoss, loss_factory
 from kd.run_folder import (FAILED, FINISHED, RESULTS, RUNNING, STATE, STUDENT, claim, decisive_config, owned,
@@ -142,8 +142,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     student, teacher, loss_fn = build_networks(cfg, prepared, teacher_model, splits.train_y)
     teacher_sha256 = file_sha256(teachers.checkpoint_path(cfg.model.teacher))
     logits_dir = to_absolute_path(cfg.teacher_cache.dir) if cfg.teacher_cache.enabled else None
-    teacher_acc = {split: logits_accuracy(teacher_logits(teacher, cfg.model.teacher, teacher_sha256, x, y,
-                                                         cfg.trainer.eval_batch_size, dtype, logits_dir), y)
+    teacher_acc = {split: logits_accuracy(teacher_predictions(cfg.model.teacher, teacher_model, teacher_sha256, x, y,
+                                                              cfg.trainer.eval_batch_size, dtype, logits_dir).logits, y)
                    for split, x, y in (("test", splits.test_x, splits.test_y), ("val", splits.val_x, splits.val_y))}
     log.info("teacher %s test_acc %.4f", cfg.model.teacher.name, teacher_acc["test"])
     if loss_fn.scale_note():

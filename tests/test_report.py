@@ -16,13 +16,17 @@ from conftest import ROOT, TINY, run_train
 from kd.models import ResNet18, SmallNet, resnet20
 from kd.report.collect import NoRuns, collect
 from kd.report.complexity import complexity, latency_ms
-from kd.report.metrics import logit_metrics, reliability_bins
-from kd.report.tables import rank_table, seed_table, summary_table
+from kd.report.markdown import table
+from kd.report.metrics import (calibration_bins, confusion, expected_calibration_error, linear_cka, logit_metrics,
+                               per_class_accuracy, reliability_bins)
+from kd.report.plots import bar_order, is_grid, reliability_figure, varying_params
+from kd.report.tables import best_table, rank_table, seed_table, summary_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAMED_COLUMNS = ["test_acc", "test_loss", "ece", "agreement", "kl", "cosine", "entropy", "params", "trainable_params",
                  "layers", "macs", "flops", "latency_ms", "params_ratio", "macs_ratio", "latency_ratio",
-                 "train_time_sec", "train_acc", "val_acc", "best_epoch", "status", "reason", "seed", "method"]
+                 "train_time_sec", "train_acc", "val_acc", "best_epoch", "status", "reason", "seed", "method", "cka",
+                 "test_acc_last"]
 
 
 # ---------------------------------------------------------------- metrics against numpy
@@ -88,6 +92,129 @@ def test_reliability_bins_reproduce_the_ece(known_logits):
     used = b["count"] > 0
     ece = (b["count"][used] / len(labels) * np.abs(b["correct"][used] - b["confidence"][used]) / b["count"][used]).sum()
     assert ece == pytest.approx(logit_metrics(student, labels, teacher)["ece"], abs=1e-6)
+
+
+def direct_bins(conf, correct, bins=10):
+    """Per bin (i/bins, (i+1)/bins]: count, summed confidence, number correct, by comparisons with the edges."""
+    out = []
+    for i in range(bins):
+        inside = (conf > i / bins) & (conf <= (i + 1) / bins)
+        out.append((inside.sum(), conf[inside].sum(), correct[inside].sum()))
+    return np.array(out, dtype=float)
+
+
+def test_ece_and_reliability_bins_share_one_binning_including_confidence_one():
+    # Top-class confidences exactly 1.0, exactly on edges (0.6, 0.7, 0.8, 0.9), and inside bins (class 0 is the
+    # prediction throughout: p = [c, 1 - c] with c > 0.5).
+    conf = np.array([1.0, 1.0, 1.0, 0.6, 0.6, 0.7, 0.8, 0.9, 0.95, 0.72, 0.55, 0.999999])
+    labels = np.array([0, 0, 1, 0, 1, 0, 0, 1, 0, 0, 1, 0])
+    b = calibration_bins(torch.tensor(np.stack([conf, 1 - conf], 1)), torch.tensor(labels))
+    direct = direct_bins(conf, (labels == 0).astype(float))
+    assert np.array(b["count"]) == pytest.approx(direct[:, 0])
+    assert np.array(b["confidence"]) == pytest.approx(direct[:, 1])
+    assert np.array(b["correct"]) == pytest.approx(direct[:, 2])
+    assert b["count"][9] == 5 and b["count"][5] == 3 and b["count"][6] == 1  # 1.0 in the top bin; 0.6 in (0.5, 0.6]
+    ece = sum(n / len(conf) * abs(c / n - s / n) for n, s, c in direct if n)
+    assert expected_calibration_error(b) == pytest.approx(ece, abs=1e-12)
+    assert logit_metrics(torch.tensor(np.log(np.stack([conf, 1 - conf], 1) + 1e-300)), torch.tensor(labels),
+                         torch.zeros(len(conf), 2))["ece"] == pytest.approx(ece, abs=1e-9)
+
+
+def test_logits_with_a_softmax_of_exactly_one_are_in_the_top_bin(known_logits):
+    student, labels, teacher = known_logits
+    logits = student.double().clone()
+    logits[:50] = 0
+    logits[torch.arange(50), labels[:50]] = 1000.0  # softmax exactly 1.0 in float64
+    assert (logits[:50].softmax(1).max(1).values == 1.0).all()
+    p = softmax(logits.numpy())
+    assert logit_metrics(logits, labels, teacher)["ece"] == pytest.approx(direct_ece(p, labels.numpy()), abs=1e-12)
+    assert reliability_bins(logits, labels)["count"][-1] >= 50
+
+
+def numpy_cka(x, y):
+    """Kernel form (Gretton's HSIC with the centring matrix H): tr(KHLH) / sqrt(tr(KHKH) tr(LHLH))."""
+    n = len(x)
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l_ = x @ x.T, y @ y.T
+    hsic = lambda a, b: np.trace(a @ h @ b @ h)  # noqa: E731
+    return hsic(k, l_) / np.sqrt(hsic(k, k) * hsic(l_, l_))
+
+
+def test_linear_cka_against_numpy_and_its_invariances():
+    g = np.random.default_rng(0)
+    x = g.normal(size=(200, 16))
+    y = x @ g.normal(size=(16, 24)) + 0.5 * g.normal(size=(200, 24))  # related, wider
+    got = linear_cka(torch.tensor(x), torch.tensor(y))
+    assert got == pytest.approx(numpy_cka(x, y), abs=1e-10) and 0.3 < got < 0.99
+    q, _ = np.linalg.qr(g.normal(size=(16, 16)))
+    assert linear_cka(torch.tensor(x), torch.tensor(3.7 * x @ q + 2.0)) == pytest.approx(1.0, abs=1e-10)
+    assert linear_cka(torch.tensor(x @ q * 0.1), torch.tensor(y)) == pytest.approx(got, abs=1e-10)
+    stretched = x * np.linspace(0.1, 10, 16)  # not isotropic: CKA changes
+    assert abs(linear_cka(torch.tensor(stretched), torch.tensor(y)) - got) > 1e-3
+    assert linear_cka(torch.tensor(x), torch.tensor(g.normal(size=(200, 24)))) < 0.3
+
+
+def test_confusion_matrix_and_per_class_accuracy_against_counting(known_logits):
+    student, labels, _ = known_logits
+    matrix = confusion(student, labels).numpy()
+    pred, y = student.argmax(1).numpy(), labels.numpy()
+    direct = np.array([[((y == t) & (pred == p)).sum() for p in range(10)] for t in range(10)])
+    assert (matrix == direct).all()
+    accuracy = per_class_accuracy(torch.tensor(direct)).numpy()
+    assert accuracy == pytest.approx([(pred[y == c] == c).mean() for c in range(10)])
+
+
+def test_a_table_column_has_one_number_format():
+    df = pd.DataFrame({"epoch": [1, 2], "seconds": [313.0, 34.0764], "other": [313.2, 34.0764], "n": [1200, 7]})
+    lines = table(df).splitlines()[2:]
+    cells = [line.strip("| ").split(" | ") for line in lines]
+    assert [c[1] for c in cells] == ["313.0", "34.1"]
+    assert [c[2] for c in cells] == ["313.2", "34.1"]
+    assert [c[3] for c in cells] == ["1,200", "7"] and [c[0] for c in cells] == ["1", "2"]
+
+
+def test_accuracy_bars_are_sorted_with_teacher_and_ce_marked():
+    order = bar_order(fake_summary())
+    assert [label for label, _, _ in order] == ["teacher", "kd", "ce", "at"]
+    assert [kind for _, kind, _ in order] == ["teacher", "student", "ce", "student"]
+    summary = fake_summary()
+    summary.loc[summary.method == "kd", "status"] = "failed"
+    assert [label for label, _, _ in bar_order(summary)] == ["teacher", "ce", "at", "kd"]  # no finished job: last
+
+
+def test_reliability_titles_stay_clear_of_the_row_above():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(500, 10, generator=g) * 3, torch.randint(10, (500,), generator=g)
+    bins = {f"method number {i} [temperature={i}]": reliability_bins(logits, labels) for i in range(6)}
+    fig = reliability_figure(bins)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    top, below = fig.axes[0], fig.axes[4]  # 4 per row: the first of the second row
+    assert below.title.get_window_extent(renderer).y1 < top.xaxis.label.get_window_extent(renderer).y0
+    for ax in fig.axes[:4]:
+        for tick in ax.get_xticklabels():
+            assert tick.get_window_extent(renderer).y0 > below.title.get_window_extent(renderer).y1
+
+
+def test_the_best_configuration_is_chosen_by_validation_not_test_accuracy():
+    rows = []
+    for variant, (val, test) in {"t=2": (0.70, 0.90), "t=4": (0.80, 0.60)}.items():
+        for seed in (0, 1):
+            rows.append({"role": "student", "method": "kd", "method_name": "KD", "label": f"kd [{variant}]",
+                         "seed": seed, "status": "ok", "val_acc": val + seed / 100, "test_acc": test,
+                         "test_acc_last": test - 0.01})
+    best = best_table(summary_table(rows)).iloc[0]
+    assert (best.best, best.configurations, best.seeds) == ("kd [t=4]", 2, 2)
+    assert best.val_acc == pytest.approx(0.805) and best.test_acc == pytest.approx(0.60)
+
+
+def test_grids_are_told_from_searches():
+    from types import SimpleNamespace as Job
+    grid = [Job(params={"a": a, "b": b}) for a in ("1", "2") for b in ("x", "y")]
+    assert varying_params(grid) == ["a", "b"] and is_grid(grid, ["a", "b"])
+    search = [Job(params={"a": str(i / 3), "b": str(i)}) for i in range(4)]
+    assert not is_grid(search, varying_params(search))
+    assert varying_params([Job(params={}), Job(params={"a": "1"})]) == []  # one value only: not a hyperparameter
 
 
 # ---------------------------------------------------------------- model comparison
@@ -255,7 +382,10 @@ def test_accuracies_agree_with_what_the_runs_recorded(report, sweeps):
         assert row.status == "ok" and row.test_acc == pytest.approx(results["test_acc"], abs=1e-9), job
         assert row.train_time_sec == pytest.approx(results["train_time_sec"])
         assert row.best_epoch == results["best_epoch"] and row.val_acc == pytest.approx(results["val_acc"])
+        assert row.test_acc_last == pytest.approx(results["test_acc_last"])  # beside the best epoch's
+        assert 0 < row.cka < 1, job
     teacher = summary.loc["teacher resnet20"]
+    assert teacher.cka == pytest.approx(1.0)
     assert teacher.test_acc == pytest.approx(runs["0_ce"]["teacher"]["test_acc"], abs=1e-9)
     assert teacher.agreement == 1 and teacher.kl == pytest.approx(0, abs=1e-9)
 
@@ -288,7 +418,7 @@ def test_rank_and_seed_tables_cover_every_method(report):
 def test_plots_are_valid_non_empty_pngs(report):
     plots = sorted((report["folder"] / "report_plots").glob("*.png"))
     names = {p.stem for p in plots}
-    assert {"test_accuracy", "accuracy_vs_time", "validation_curves", "reliability"} <= names
+    assert {"test_accuracy", "accuracy_vs_time", "validation_curves", "reliability", "confusion"} <= names
     assert {"curve_ce", "curve_kd", "curve_fitnet"} <= names
     for path in plots:
         data = path.read_bytes()
@@ -312,6 +442,19 @@ def test_markdown_has_one_section_per_method_headed_by_its_display_name(report):
     assert "`temperature` = 4.0" in md and "`temperature` = 0" in md
     for link in (line.split("](")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")):
         assert (report["folder"] / link).is_file(), link
+
+
+@pytest.mark.slow
+def test_per_class_accuracy_pools_a_methods_seeds(report):
+    per_class, summary = pd.read_csv(report["folder"] / "per_class.csv"), report["summary"]
+    images = {"teacher resnet20": 100, "ce": 200, "kd": 200, "fitnet": 200}  # 100 test images, seeds pooled
+    assert set(per_class.model) == set(images)  # the failed job has none
+    for model, group in per_class.groupby("model"):
+        assert list(group["class"]) == list(range(10)) and group.test_images.sum() == images[model]
+        # per-class accuracies weighted by the classes' sizes give the (seed-averaged) test accuracy back
+        pooled = (group.accuracy.fillna(0) * group.test_images).sum() / group.test_images.sum()
+        assert pooled == pytest.approx(summary[summary.label == model].test_acc.mean()), model
+    assert "## Per-class accuracy and confusion matrices" in report["markdown"]
 
 
 @pytest.mark.slow

@@ -205,29 +205,25 @@ def test_bad_settings_name_the_value(override, message, random_teacher_ckpts, tm
         _run(tmp_path, monkeypatch, "bad", [*_common(random_teacher_ckpts["resnet20"], tmp_path / "c", "kd"), override])
 
 
-def test_the_teachers_split_logits_are_computed_once_for_runs_and_the_report(random_teacher_ckpts, tmp_path,
-                                                                               monkeypatch):
+def test_the_teachers_split_predictions_are_computed_once_for_runs_and_the_report(random_teacher_ckpts, tmp_path,
+                                                                                   monkeypatch):
     from kd import evaluation
     from kd.report.collect import collect
     from kd.report.evaluate import Evaluator, LatencySettings
     calls = []
-    original = evaluation.predict_logits
-    monkeypatch.setattr(evaluation, "predict_logits", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
-    common = _common(random_teacher_ckpts["resnet20"], tmp_path / "cache", "ce")[:-1]  # kd_epochs=2 dropped below
-    first = _run(tmp_path, monkeypatch, "first", [*common, "kd_epochs=1", f"teacher_cache.dir={tmp_path / 'cache'}"])
-    teacher_evaluations = len(calls)
-    assert teacher_evaluations >= 2  # the teacher on test and val (the student's own evaluations come on top)
-    second = _run(tmp_path, monkeypatch, "second", [*common, "kd_epochs=1", "seed=3",
-                                                    f"teacher_cache.dir={tmp_path / 'cache'}"])
-    assert len(calls) == 2 * teacher_evaluations - 2  # the same student evaluations, no teacher evaluation
-    assert second["teacher"] == first["teacher"] and 0 < first["teacher"]["val_acc"] <= 1
+    original = evaluation.predict
+    monkeypatch.setattr(evaluation, "predict", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
+    common = [*_common(random_teacher_ckpts["resnet20"], tmp_path / "cache", "ce"), "kd_epochs=1"]
+    first = _run(tmp_path, monkeypatch, "first", common)
+    assert calls == [200, 30]  # the teacher on the test and the validation split, once
+    second = _run(tmp_path, monkeypatch, "second", [*common, "seed=3"])
+    assert calls == [200, 30] and second["teacher"] == first["teacher"] and 0 <= first["teacher"]["val_acc"] <= 1
     (tmp_path / "first" / ".hydra").mkdir()  # the report reads a run's config from there, as Hydra writes it
-    config = compose_config([*common, "kd_epochs=1", f"teacher_cache.dir={tmp_path / 'cache'}"])
-    (tmp_path / "first" / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    before = len(calls)
+    (tmp_path / "first" / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose_config(common)))
     (job,) = collect([tmp_path / "first"])
     evaluator = Evaluator(torch.device("cpu"), LatencySettings(8, 0, 0))
     teacher = evaluator.teacher(job)
-    assert len(calls) == before and teacher.error == ""  # the report read the run's logits
+    assert calls == [200, 30] and teacher.error == ""  # the report read what the runs kept
     labels = evaluator.test_split(job)[1]
     assert (teacher.logits.argmax(1) == labels).double().mean().item() == pytest.approx(first["teacher"]["test_acc"])
+    assert teacher.embed.shape == (200, 64)

@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency-warmup", type=int, default=5, help="untimed forward passes before timing")
     p.add_argument("--latency-repeats", type=int, default=20, help="timed passes (median taken); 0 skips latency")
     p.add_argument("--wandb", choices=["auto", "off", "offline", "online"], default="auto",
-                   help="auto: log to W&B when the jobs used the W&B logger, in their mode")
+                   help="auto: log to W&B when the jobs used the W&B logger, in their mode; online also publishes a "
+                        "W&B Report of the sweep's group (offline: its spec is saved as wandb-report.json)")
     return p.parse_args(argv)
 
 
@@ -46,6 +47,10 @@ def main(argv=None) -> int:
     print(f"report written to {written.folder / 'report.md'} ({len(written.files)} files)")
     if written.wandb_dir:
         print(f"W&B run: {written.wandb_dir}")
+    if written.wandb_report is not None:
+        report = written.wandb_report
+        print(f"W&B report: {report.url}" if report.url else
+              f"W&B report spec: {report.spec}; publish it with: python -m kd.report.publish {written.folder}")
     return 0
 
 

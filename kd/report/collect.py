@@ -33,6 +33,7 @@ class Job:
     reason: str = ""
     overrides: list[str] = field(default_factory=list)
     variant: str = ""           # the overrides that tell this job's grid point apart (set by `label_variants`)
+    params: dict[str, str] = field(default_factory=dict)  # those overrides, key -> value as given
 
     @property
     def method(self) -> str:
@@ -124,5 +125,18 @@ def label_variants(jobs: list[Job]) -> None:
                and all(len({p.get(k) for p in group}) == 1 for group in sweeps.values())]
     for job, p in zip(jobs, parsed):
         parts = [job.sweep.name] if between else []
-        parts += [f"{k.removeprefix('method.loss.')}={p[k]}" for k in varying if k not in between and k in p]
+        job.params = {k: p[k] for k in varying if k not in between and k in p}
+        parts += [f"{short(k)}={v}" for k, v in job.params.items()]
         job.variant = " ".join(parts)
+
+
+def short(key: str) -> str:
+    """A hyperparameter's name in labels and plots: the loss's own argument name, else the full key."""
+    return key.removeprefix("method.loss.")
+
+
+def search_space(job: Job) -> dict[str, str]:
+    """The hyperparameter search's space (key -> Hydra sweep expression) if the job's sweep was one, else {}."""
+    sweeper = job.hydra.hydra.get("sweeper") if job.hydra is not None else None
+    params = sweeper.get("params") if sweeper is not None else None
+    return {str(k): str(v) for k, v in params.items()} if params else {}

@@ -1,4 +1,5 @@
-"""Test-set logits of every teacher and student, rebuilt from each job's own config and saved weights.
+"""Test-set logits and embeddings of every teacher and student, rebuilt from each job's own config and saved
+weights (the embedding: the model config's `embed` tap, the pooled vector its classifier reads).
 
 Each test split and each teacher is evaluated once (keyed by data source, and by checkpoint + architecture),
 however many jobs share it. Relative paths in a config are taken from the folder the sweep was launched in.
@@ -18,13 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from kd.checkpoints import load_weights
 from kd.data import build_splits
 from kd.device import resolve_precision
-from kd.evaluation import predict_logits, teacher_logits
+from kd.evaluation import EMBED, Predictions, predict, teacher_predictions
 from kd.io import file_sha256
 from kd.report.collect import Job
 from kd.report.complexity import complexity
 from kd.run_folder import STUDENT
 from kd.taps import tapped
-
 
 @dataclass
 class LatencySettings:
@@ -39,6 +39,7 @@ class Teacher:
     arch: str
     ckpt: Path
     logits: torch.Tensor | None
+    embed: torch.Tensor | None = None
     error: str = ""
 
 
@@ -80,24 +81,26 @@ class Evaluator:
             self._splits[key] = (splits.test_x, splits.test_y)
         return self._splits[key]
 
-    def _network(self, model_cfg: DictConfig, weights: Path):
+    def _predict(self, job: Job, model_cfg: DictConfig, weights: Path) -> Predictions:
         model = instantiate(model_cfg.arch)
         load_weights(model, weights)
-        return tapped(model_cfg, model.to(self.device), [])
-
-    def _logits(self, job: Job, model_cfg: DictConfig, weights: Path) -> torch.Tensor:
+        net = tapped(model_cfg, model.to(self.device), [EMBED])
         dtype = resolve_precision(job.cfg.trainer.precision, self.device)
-        return predict_logits(self._network(model_cfg, weights), self.test_split(job)[0],
-                              job.cfg.trainer.eval_batch_size, dtype)
+        try:
+            return predict(net, self.test_split(job)[0], job.cfg.trainer.eval_batch_size, dtype)
+        finally:
+            net.close()
 
-    def _teacher_logits(self, job: Job, ckpt: Path) -> torch.Tensor:
+    def _teacher_predictions(self, job: Job, ckpt: Path) -> Predictions:
         """As the runs computed them: read from the teacher cache when a run (or an earlier report) kept them."""
         cache = job.cfg.get("teacher_cache")
         directory = job.launch_dir / str(cache.dir) if cache is not None and cache.enabled else None
-        dtype = resolve_precision(job.cfg.trainer.precision, self.device)
+        model = instantiate(job.cfg.model.teacher.arch)
+        load_weights(model, ckpt)
         images, labels = self.test_split(job)
-        return teacher_logits(self._network(job.cfg.model.teacher, ckpt), job.cfg.model.teacher, file_sha256(ckpt),
-                              images, labels, job.cfg.trainer.eval_batch_size, dtype, directory)
+        return teacher_predictions(job.cfg.model.teacher, model.to(self.device), file_sha256(ckpt), images, labels,
+                                   job.cfg.trainer.eval_batch_size,
+                                   resolve_precision(job.cfg.trainer.precision, self.device), directory)
 
     def teacher(self, job: Job) -> Teacher:
         ckpt = teacher_checkpoint(job)
@@ -105,14 +108,15 @@ class Evaluator:
         if key not in self._teachers:
             teacher = Teacher(key, str(job.cfg.model.teacher.name), ckpt, None)
             try:
-                teacher.logits = self._teacher_logits(job, ckpt)
+                out = self._teacher_predictions(job, ckpt)
+                teacher.logits, teacher.embed = out.logits, out.embed
             except Exception as err:  # one unreadable teacher must not sink the whole report
                 teacher.error = f"teacher {ckpt}: {type(err).__name__}: {err}"
             self._teachers[key] = teacher
         return self._teachers[key]
 
-    def student(self, job: Job) -> torch.Tensor:
-        return self._logits(job, job.cfg.model.student, job.folder / STUDENT)
+    def student(self, job: Job) -> Predictions:
+        return self._predict(job, job.cfg.model.student, job.folder / STUDENT)
 
     def complexity(self, model_cfg: DictConfig) -> dict:
         """Size and cost of an architecture, measured once per architecture config."""

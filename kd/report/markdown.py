@@ -9,30 +9,47 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from kd.report.collect import OK, Job
+from kd.report.metrics import ECE_BINS, per_class_accuracy
 from kd.report.tables import students
 
-NUMBERS = {"difference": "+.2f", "difference_last": "+.2f", "test_acc": ".4f", "test_loss": ".4f", "ece": ".4f", "agreement": ".4f", "kl": ".4f", "cosine": ".4f",
-           "entropy": ".4f", "train_acc": ".4f", "val_acc": ".4f", "train_time_sec": ".1f", "latency_ms": ".4f",
-           "params_ratio": ".1f", "macs_ratio": ".1f", "latency_ratio": ".1f", "average_rank": ".2f"}
+NUMBERS = {"difference": "+.2f", "difference_last": "+.2f", "test_acc": ".4f", "test_acc_last": ".4f", "test_loss": ".4f", "ece": ".4f", "agreement": ".4f",
+           "kl": ".4f", "cosine": ".4f", "entropy": ".4f", "cka": ".4f", "train_acc": ".4f", "val_acc": ".4f",
+           "loss": ".4f", "train_time_sec": ".1f", "seconds": ".1f", "latency_ms": ".4f", "params_ratio": ".1f",
+           "macs_ratio": ".1f", "latency_ratio": ".1f", "average_rank": ".2f"}
+
+
+def _missing(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, numbers.Real) and math.isnan(value))
+
+
+def column_format(name: str, values: list) -> str | None:
+    """One format for a whole column: the named one, else thousands for whole numbers, else 4 decimals below
+    100 and 1 above (so 313.0 and 34.0764 never share a column as "313" and "34.0764")."""
+    if name in NUMBERS:
+        return NUMBERS[name]
+    present = [v for v in values if not _missing(v) and not isinstance(v, bool)]
+    if not present or not all(isinstance(v, numbers.Real) for v in present):
+        return None
+    if all(isinstance(v, numbers.Integral) for v in present):
+        return ","
+    return ".4f" if max(abs(v) for v in present) < 100 else ",.1f"
 
 
 def _cell(value, fmt: str | None) -> str:
-    if value is None or value is pd.NA or (isinstance(value, numbers.Real) and math.isnan(value)):
+    if _missing(value):
         return ""
-    if fmt is None and isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        fmt = ","
-    elif fmt is None and isinstance(value, numbers.Real):
-        fmt = ".4f" if abs(value) < 100 else ",.0f"
-    text = format(value, fmt) if fmt else str(value)
+    text = format(value, fmt) if fmt and isinstance(value, numbers.Real) else str(value)
     return text.replace("|", "\\|").replace("\n", " ")
 
 
 def table(df: pd.DataFrame, columns: list[str] | None = None) -> str:
-    """A GitHub Markdown table; empty cells for missing numbers."""
+    """A GitHub Markdown table, one number format per column; empty cells for missing numbers."""
     columns = [c for c in (columns or list(df.columns)) if c in df.columns]
+    records = df.to_dict("records")  # per-column types (iterrows would turn a row's integers into floats)
+    formats = {c: column_format(c, [r[c] for r in records]) for c in columns}
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in df.to_dict("records"):  # per-column types (iterrows would turn a row's integers into floats)
-        lines.append("| " + " | ".join(_cell(row[c], NUMBERS.get(c)) for c in columns) + " |")
+    for row in records:
+        lines.append("| " + " | ".join(_cell(row[c], formats[c]) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -100,13 +117,33 @@ def method_section(jobs: list[Job], summary: pd.DataFrame, curve: Path, folder: 
         hyperparameters(first),
         f"![{first.label}: accuracy per epoch]({curve.relative_to(folder).as_posix()})",
         epoch_table(jobs),
-        table(rows, ["job", "seed", "status", "test_acc", "test_loss", "ece", "agreement", "kl", "cosine", "entropy",
-                     "train_time_sec", "train_acc", "val_acc", "best_epoch", "reason"]),
+        table(rows, ["job", "seed", "status", "test_acc", "test_acc_last", "test_loss", "ece", "agreement", "kl",
+                     "cosine", "entropy", "cka", "train_time_sec", "train_acc", "val_acc", "best_epoch", "reason"]),
     ])
 
 
-def report(title: str, summary: pd.DataFrame, ranks: pd.DataFrame, seeds: pd.DataFrame, methods: list[list[Job]],
-           plots: dict[str, Path], folder: Path, notes: list[str]) -> str:
+def hyperparameter_section(best: pd.DataFrame, plots: dict[str, Path], folder: Path) -> list[str]:
+    """Only when some method ran in more than one configuration (a grid or a search)."""
+    if best.empty or best.configurations.max() < 2:
+        return []
+    figures = [f"![{name.replace(':', ' ')}]({path.relative_to(folder).as_posix()})" for name, path in plots.items()
+               if name.startswith(("grid:", "search:"))]
+    return ["## Hyperparameters: the best configuration per method (by validation accuracy; best.csv)",
+            "Chosen by the best epoch's validation accuracy, seeds averaged; its test accuracy (best and last epoch) "
+            "is reported, never used to choose. Grids of two hyperparameters as heatmaps, other grids and searches "
+            "as one panel per hyperparameter.",
+            table(best), *figures]
+
+
+def per_class_table(matrices: dict) -> str:
+    """Each class's test accuracy (recall) per teacher and method, seeds pooled."""
+    rows = [{"model": label, **{f"class {c}": a for c, a in enumerate(per_class_accuracy(m).tolist())}}
+            for label, m in matrices.items()]
+    return table(pd.DataFrame(rows))
+
+
+def report(title: str, summary: pd.DataFrame, ranks: pd.DataFrame, seeds: pd.DataFrame, best: pd.DataFrame,
+           matrices: dict, methods: list[list[Job]], plots: dict[str, Path], folder: Path, notes: list[str]) -> str:
     link = lambda name, caption: f"![{caption}]({plots[name].relative_to(folder).as_posix()})"  # noqa: E731
     parts = [
         f"# {title}",
@@ -116,18 +153,27 @@ def report(title: str, summary: pd.DataFrame, ranks: pd.DataFrame, seeds: pd.Dat
         model_comparison(summary),
         link("test_accuracy", "test accuracy per method"),
         link("accuracy_vs_time", "test accuracy against training time"),
+        *hyperparameter_section(best, plots, folder),
         *(method_section(jobs, summary, plots[f"curve:{jobs[0].label}"], folder) for jobs in methods),
         "## Summary (one row per model; every column in summary.csv)",
-        table(summary, ["label", "job", "seed", "status", "arch", "test_acc", "test_loss", "ece", "agreement", "kl",
-                        "cosine", "entropy", "train_time_sec", "val_acc", "best_epoch", "reason"]),
+        "test_acc: the best epoch's student (by validation accuracy), evaluated here; test_acc_last: the last "
+        "epoch's, as the run recorded it (some papers report that one); cka: linear CKA of the student's and the "
+        "teacher's embeddings (the `embed` tap) on the test set.",
+        table(summary, ["label", "job", "seed", "status", "arch", "test_acc", "test_acc_last", "test_loss", "ece",
+                        "agreement", "kl", "cosine", "entropy", "cka", "train_time_sec", "val_acc", "best_epoch",
+                        "reason"]),
         "## Ranks (1 = best; seeds averaged; ranks.csv)",
         table(ranks, ["method", "method_name", *[c for c in ranks.columns if c.startswith("rank_")], "average_rank"]),
         "## Seeds (mean, standard deviation, paired difference to the ce run of the same seed; seeds.csv)",
         table(seeds),
         "## Validation accuracy per epoch",
         link("validation_curves", "validation accuracy per epoch"),
-        "## Reliability diagrams (10 equal-width confidence bins; a method's seeds pooled)",
+        f"## Reliability diagrams ({ECE_BINS} equal-width confidence bins (i/{ECE_BINS}, (i+1)/{ECE_BINS}], the "
+        "top one including 1.0, as for the ECE column; a method's seeds pooled)",
         link("reliability", "reliability diagrams"),
+        "## Per-class accuracy and confusion matrices (a method's seeds pooled; per_class.csv)",
+        per_class_table(matrices),
+        link("confusion", "confusion matrices"),
     ]
     return "\n\n".join(parts) + "\n"
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 
 import torch
 
 from kd.report.collect import FAILED, OK, Job
 from kd.report.evaluate import Evaluator, Teacher
-from kd.report.metrics import logit_metrics, reliability_bins
+from kd.report.metrics import confusion, linear_cka, logit_metrics, reliability_bins
 
 log = logging.getLogger(__name__)
 RATIOS = {"params": "params", "macs": "macs", "latency_ms": "latency"}  # teacher / student, as the notebook gave them
@@ -22,6 +23,20 @@ def pool(a: dict | None, b: dict) -> dict:
     return b if a is None else {k: [x + y for x, y in zip(a[k], b[k])] for k in b}
 
 
+@dataclass
+class Evaluated:
+    """Summary rows (teachers first, then jobs in sweep order); per teacher and per method (a method's seeds
+    pooled by adding counts): reliability bins and confusion matrices."""
+    rows: list[dict] = field(default_factory=list)
+    bins: dict[str, dict] = field(default_factory=dict)
+    confusion: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, label: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.bins[label] = pool(self.bins.get(label), reliability_bins(logits, labels))
+        matrix = confusion(logits, labels)
+        self.confusion[label] = matrix + self.confusion[label] if label in self.confusion else matrix
+
+
 def teacher_row(teacher: Teacher, name: str, job: Job, evaluator: Evaluator) -> dict:
     row = {"role": "teacher", "job": name, "method": "teacher", "method_name": f"Teacher ({teacher.arch})",
            "label": name, "status": FAILED if teacher.error else OK, "reason": teacher.error, "arch": teacher.arch,
@@ -29,6 +44,7 @@ def teacher_row(teacher: Teacher, name: str, job: Job, evaluator: Evaluator) -> 
     row |= evaluator.complexity(job.cfg.model.teacher)
     if teacher.logits is not None:
         row |= logit_metrics(teacher.logits, evaluator.test_split(job)[1], teacher.logits)
+        row["cka"] = linear_cka(teacher.embed, teacher.embed)
     return row
 
 
@@ -38,34 +54,36 @@ def student_row(job: Job, teacher_name: str) -> dict:
             "method_name": str(job.cfg.method.display_name), "label": job.label, "seed": job.seed,
             "status": job.status, "reason": job.reason, "arch": str(job.cfg.model.student.name),
             "teacher": teacher_name, "data": str(job.cfg.data.name), "kd_epochs": int(job.cfg.kd_epochs),
-            **{k: results.get(k) for k in ("train_time_sec", "train_acc", "val_acc", "best_epoch")}}
+            **{k: results.get(k) for k in ("train_time_sec", "train_acc", "val_acc", "best_epoch", "test_acc_last")}}
 
 
-def evaluate_jobs(jobs: list[Job], evaluator: Evaluator) -> tuple[list[dict], dict[str, dict]]:
-    """Summary rows (teachers first, then jobs in sweep order) and reliability bins per teacher and per method
-    (a method's seeds pooled)."""
-    teacher_rows, job_rows, bins, names = [], [], {}, {}
+def evaluate_jobs(jobs: list[Job], evaluator: Evaluator) -> Evaluated:
+    teacher_rows, job_rows, names = [], [], {}
+    evaluated = Evaluated()
     for job in jobs:
         teacher = evaluator.teacher(job)  # a teacher that cannot be evaluated is a failed row, not an exception
         if teacher.key not in names:
             names[teacher.key] = f"teacher {teacher.arch}" + (f" #{len(names) + 1}" if names else "")
             teacher_rows.append(teacher_row(teacher, names[teacher.key], job, evaluator))
             if teacher.logits is not None:
-                bins[names[teacher.key]] = reliability_bins(teacher.logits, evaluator.test_split(job)[1])
+                evaluated.add(names[teacher.key], teacher.logits, evaluator.test_split(job)[1])
         row = student_row(job, names[teacher.key])
         teacher_stats = teacher_rows[list(names).index(teacher.key)]
         if job.status == OK:
             try:
-                logits, test_y = evaluator.student(job), evaluator.test_split(job)[1]
+                out, test_y = evaluator.student(job), evaluator.test_split(job)[1]
             except Exception as err:  # an unreadable student.pt is that job's failure, not the report's
                 row |= {"status": FAILED, "reason": f"{job.folder / 'student.pt'}: {type(err).__name__}: {err}"}
             else:
-                reference = teacher.logits if teacher.logits is not None else torch.full_like(logits, float("nan"))
-                row |= logit_metrics(logits, test_y, reference)
-                bins[job.label] = pool(bins.get(job.label), reliability_bins(logits, test_y))
+                known = teacher.logits is not None
+                reference = teacher.logits if known else torch.full_like(out.logits, math.nan)
+                row |= logit_metrics(out.logits, test_y, reference)
+                row["cka"] = linear_cka(out.embed, teacher.embed) if known else math.nan
+                evaluated.add(job.label, out.logits, test_y)
         size = evaluator.complexity(job.cfg.model.student)
         row |= size | {f"{name}_ratio": _ratio(teacher_stats[key], size[key]) for key, name in RATIOS.items()}
         job_rows.append(row)
         log.info("%s: %s %s", job.folder, row["status"],
                  f"test_acc {row['test_acc']:.4f}" if "test_acc" in row else row["reason"])
-    return teacher_rows + job_rows, bins
+    evaluated.rows = teacher_rows + job_rows
+    return evaluated

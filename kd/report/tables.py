@@ -12,8 +12,9 @@ IDENTITY = ["role", "sweep", "job", "method", "method_name", "label", "seed", "s
 METRICS = list(HIGHER_IS_BETTER)
 COMPLEXITY = ["params", "trainable_params", "layers", "macs", "flops", "latency_ms", "params_ratio", "macs_ratio",
               "latency_ratio"]
-TRAINING = ["train_time_sec", "train_acc", "val_acc", "best_epoch"]
-SUMMARY_COLUMNS = IDENTITY + METRICS + COMPLEXITY + TRAINING
+SIMILARITY = ["cka"]  # linear CKA of the student's and the teacher's embeddings (not ranked: a description)
+TRAINING = ["train_time_sec", "train_acc", "val_acc", "best_epoch", "test_acc_last"]
+SUMMARY_COLUMNS = IDENTITY + METRICS + SIMILARITY + COMPLEXITY + TRAINING
 COUNTS = ["seed", "kd_epochs", "params", "trainable_params", "layers", "macs", "flops", "best_epoch"]
 # Matched by the baseline's paired difference: the same seed on the same student, data and epoch budget.
 PAIRING = ["seed", "arch", "data", "kd_epochs"]
@@ -45,7 +46,8 @@ def rank_table(summary: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values("average_rank", na_position="last").rename_axis("method").reset_index()
 
 
-def seed_table(summary: pd.DataFrame, columns=("test_acc", "val_acc", "train_acc", "train_time_sec", "ece")) -> pd.DataFrame:
+def seed_table(summary: pd.DataFrame, columns=("test_acc", "test_acc_last", "val_acc", "train_acc", "train_time_sec",
+                                               "ece", "cka")) -> pd.DataFrame:
     """Per method over its seeds: mean and standard deviation, and the mean paired difference in test accuracy
     to the cross-entropy run with the same seed (student, data and epochs), with its standard error."""
     jobs = students(summary)
@@ -66,3 +68,23 @@ def seed_table(summary: pd.DataFrame, columns=("test_acc", "val_acc", "train_acc
         row["test_acc_minus_ce_se"] = paired.std(ddof=1) / np.sqrt(len(paired)) if len(paired) > 1 else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def best_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per method, its configuration (grid point or search trial; seeds averaged) with the best validation
+    accuracy, and that configuration's test accuracy (best and last epoch): selection never looks at test data."""
+    jobs = students(summary)
+    done = jobs[jobs.status == OK]
+    means = done.groupby(["method", "label"], sort=False)[["val_acc", "test_acc", "test_acc_last"]].mean()
+    seeds = done.groupby(["method", "label"], sort=False).size()
+    rows = []
+    for method, group in means.groupby(level="method", sort=False):
+        group = group.dropna(subset=["val_acc"])
+        if group.empty:
+            continue
+        (_, label), best = group.val_acc.idxmax(), group.loc[group.val_acc.idxmax()]
+        rows.append({"method": method, "method_name": jobs[jobs.method == method].method_name.iloc[0],
+                     "configurations": len(group), "best": label, "seeds": int(seeds[(method, label)]),
+                     "val_acc": best.val_acc, "test_acc": best.test_acc, "test_acc_last": best.test_acc_last})
+    return pd.DataFrame(rows, columns=["method", "method_name", "configurations", "best", "seeds", "val_acc",
+                                       "test_acc", "test_acc_last"])

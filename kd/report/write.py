@@ -8,11 +8,14 @@ import pandas as pd
 import torch
 
 from kd.io import save_text
-from kd.report import markdown, plots, published, tables
+from kd.report import markdown, plots, tables
 from kd.report.collect import collect
 from kd.report.evaluate import Evaluator, LatencySettings
+from kd.report.metrics import per_class_accuracy
+from kd.report.published import comparison as published_numbers
 from kd.report.rows import evaluate_jobs
 from kd.report.wandb_log import log_report
+from kd.report.wandb_report import Published, wandb_report
 
 PLOTS = "report_plots"
 
@@ -25,6 +28,7 @@ class Written:
     ranks: pd.DataFrame
     seeds: pd.DataFrame
     wandb_dir: str | None
+    wandb_report: Published | None = None
 
 
 def _slug(text: str) -> str:
@@ -36,18 +40,25 @@ def write_report(folders: list[Path], device: torch.device, latency: LatencySett
     folders = [Path(f) for f in folders]
     jobs = collect(folders)
     out = Path(out or folders[0])
-    rows, bins = evaluate_jobs(jobs, Evaluator(device, latency))
-    summary = tables.summary_table(rows)
-    ranks, seeds = tables.rank_table(summary), tables.seed_table(summary)
+    evaluated = evaluate_jobs(jobs, Evaluator(device, latency))
+    summary = tables.summary_table(evaluated.rows)
+    ranks, seeds, best = tables.rank_table(summary), tables.seed_table(summary), tables.best_table(summary)
+    per_class = pd.DataFrame([{"model": label, "class": c, "accuracy": a, "test_images": int(n)}
+                              for label, m in evaluated.confusion.items()
+                              for c, (a, n) in enumerate(zip(per_class_accuracy(m).tolist(), m.sum(1).tolist()))])
 
     by_label: dict[str, list] = {}
+    by_method: dict[str, list] = {}
     for job in jobs:
         by_label.setdefault(job.label, []).append(job)
+        by_method.setdefault(job.method, []).append(job)
     figures = out / PLOTS
     drawn = {"test_accuracy": plots.test_accuracy(summary, figures / "test_accuracy.png"),
              "accuracy_vs_time": plots.accuracy_vs_time(summary, figures / "accuracy_vs_time.png"),
              "validation_curves": plots.validation_curves(jobs, figures / "validation_curves.png"),
-             "reliability": plots.reliability(bins, figures / "reliability.png")}
+             "reliability": plots.reliability(evaluated.bins, figures / "reliability.png"),
+             "confusion": plots.confusion_matrices(evaluated.confusion, figures / "confusion.png"),
+             **plots.hyperparameter_plots(by_method, figures)}
     for label, group in by_label.items():
         drawn[f"curve:{label}"] = plots.method_curve(group, figures / f"curve_{_slug(label)}.png")
 
@@ -57,16 +68,17 @@ def write_report(folders: list[Path], device: torch.device, latency: LatencySett
                 if latency.repeats else "latency: not measured (--latency-repeats 0)"),
              "accuracies are fractions; KL is KL(teacher || student) of the softmax outputs; MACs and FLOPs per "
              "32x32 image (torch.utils.flop_counter, FLOPs = 2 x MACs)"]
-    text = markdown.report("Comparison report", summary, ranks, seeds, list(by_label.values()), drawn, out, notes)
-    beside = published.comparison(jobs)
-    if len(beside):
+    text = markdown.report("Comparison report", summary, ranks, seeds, best, evaluated.confusion,
+                           list(by_label.values()), drawn, out, notes)
+    data = {"summary": summary, "ranks": ranks, "seeds": seeds, "best": best, "per_class": per_class}
+    beside = published_numbers(jobs)
+    if len(beside):  # CIFAR-100 jobs of a published pair and method
         text += "\n" + markdown.published_section(beside)
-    files = [out / "report.md", out / "summary.csv", out / "ranks.csv", out / "seeds.csv"]
+        data["published"] = beside
+    files = [out / "report.md", *(out / f"{name}.csv" for name in data)]
     save_text(text, files[0])
-    for df, path in zip((summary, ranks, seeds), files[1:]):
+    for df, path in zip(data.values(), files[1:]):
         save_text(df.to_csv(index=False), path)
-    if len(beside):
-        files.append(out / "published.csv")
-        save_text(beside.to_csv(index=False), files[-1])
-    wandb_dir = log_report(jobs, {"summary": summary, "ranks": ranks, "seeds": seeds}, drawn, out, wandb_mode)
-    return Written(out, files + list(drawn.values()), summary, ranks, seeds, wandb_dir)
+    wandb_dir = log_report(jobs, data, drawn, out, wandb_mode)
+    published = wandb_report(jobs, summary, best, out, wandb_mode)
+    return Written(out, files + list(drawn.values()), summary, ranks, seeds, wandb_dir, published)
