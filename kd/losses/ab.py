@@ -12,7 +12,6 @@ def boundary_error(s: torch.Tensor, t: torch.Tensor, margin: float) -> torch.Ten
 
 
 class ActivationBoundaries(StudentInitialisation):
-    label = "ab"
     """Activation boundaries (Heo, Lee, Yun & Choi, Knowledge Transfer via Distillation of Activation Boundaries
     Formed by Hidden Neurons, AAAI 2019, arXiv:1811.03233), as RepDistiller's ABLoss.
 
@@ -24,6 +23,8 @@ class ActivationBoundaries(StudentInitialisation):
     the deepest guided feature and the connectors. Main stage: L = CE(z_s, y) + weight * ab with the connectors
     fixed (weight 0 in RepDistiller: the main stage is plain cross-entropy).
     """
+
+    label = "ab"
 
     def __init__(self, margin: float, weight: float, prepare_epochs: int, prepare_lr: float, prepare_momentum: float,
                  prepare_weight_decay: float, features: list[str], feature_shapes):

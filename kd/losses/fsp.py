@@ -13,7 +13,6 @@ def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
 
 
 class FSP(StudentInitialisation):
-    label = "fsp"
     """Flow of solution procedure (Yim, Joo, Bae & Kim, A Gift from Knowledge Distillation: Fast Optimization,
     Network Minimization and Transfer Learning, CVPR 2017; no arXiv version), as RepDistiller runs it.
 
@@ -26,6 +25,8 @@ class FSP(StudentInitialisation):
     a 1x1 conv + BN connector (trained only in the preparation, fixed after it) maps it to the teacher's channels
     (RepDistiller refuses such pairs).
     """
+
+    label = "fsp"
 
     def __init__(self, weight: float, prepare_epochs: int, prepare_lr: float, prepare_momentum: float,
                  prepare_weight_decay: float, features: list[str], feature_shapes):
