@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd.data import eval_batches
 from kd.device import autocast, numerics
-from kd.io import save_json, save_torch, tensors_sha256
+from kd.io import file_sha256, save_json, save_torch, tensors_sha256
 from kd.taps import TappedModel, tapped
 
 
@@ -90,3 +90,26 @@ def teacher_predictions(model_cfg: DictConfig, model: torch.nn.Module, weights_s
     save_torch({"logits": predictions.logits.cpu(), "embed": predictions.embed.cpu()}, path)  # racing jobs: same bits
     save_json(key, path.with_suffix(".json"))
     return predictions
+
+
+def _kept_key(weights: Path, images_sha256: str) -> dict:
+    return {"weights": file_sha256(weights), "images": images_sha256}
+
+
+def keep_predictions(predictions: Predictions, weights: Path, images_sha256: str, path: Path) -> None:
+    """A run's own test-set predictions, saved beside its weights so that the report reads them instead of
+    evaluating every student again; they are valid for exactly these weights and these test images."""
+    save_torch({"logits": predictions.logits.cpu(), "embed": predictions.embed.cpu(),
+                "key": _kept_key(weights, images_sha256)}, path)
+
+
+def kept_predictions(weights: Path, images_sha256: str, path: Path, device: torch.device) -> Predictions | None:
+    """What `keep_predictions` saved, or None when there is none, it is unreadable, or the weights or the test
+    images are not the ones it was made from."""
+    try:
+        kept = torch.load(path, map_location=device, weights_only=True)
+        if kept["key"] != _kept_key(weights, images_sha256):
+            return None
+        return Predictions(kept["logits"], kept["embed"])
+    except Exception:  # missing or unreadable: the caller evaluates the weights itself
+        return None

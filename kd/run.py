@@ -20,11 +20,11 @@ from kd import teacher as teachers
 from kd import teacher_cache
 from kd.data import Splits, build_splits
 from kd.device import Acceleration, resolve_device, resolve_precision
-from kd.evaluation import accuracy, logits_accuracy, teacher_predictions
-from kd.io import file_sha256, load_json, save_json, save_torch
+from kd.evaluation import EMBED, accuracy, keep_predictions, logits_accuracy, predict, teacher_predictions
+from kd.io import file_sha256, load_json, save_json, save_torch, tensors_sha256
 from kd.losses.base import DistillationLoss, loss_factory
-from kd.run_folder import (FAILED, FINISHED, RESULTS, RUNNING, STATE, STUDENT, claim, decisive_config, owned,
-                           wandb_group, write_status)
+from kd.run_folder import (FAILED, FINISHED, RESULTS, RUNNING, STATE, STUDENT, TEST_PREDICTIONS, claim,
+                           decisive_config, owned, wandb_group, write_status)
 from kd.taps import TappedModel, probe_shapes, resolve, tapped
 from kd.trainer import Trainer
 from kd.validation import ConfigError, validate
@@ -167,10 +167,18 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     student.close()
 
     evaluate = lambda x, y: accuracy(student, x, y, cfg.trainer.eval_batch_size, dtype)  # noqa: E731
-    best_student = copy.deepcopy(student.model.state_dict())
-    student.model.load_state_dict(result.last_student)
-    test_acc_last = evaluate(splits.test_x, splits.test_y)
-    student.model.load_state_dict(best_student)
+    test_net = tapped(cfg.model.student, student.model, [EMBED])
+    try:
+        test = predict(test_net, splits.test_x, cfg.trainer.eval_batch_size, dtype)
+    finally:
+        test_net.close()
+    test_acc = logits_accuracy(test.logits, splits.test_y)
+    test_acc_last = test_acc  # the best epoch is the last one: the same weights
+    if result.best_epoch != cfg.kd_epochs:
+        best_student = copy.deepcopy(student.model.state_dict())
+        student.model.load_state_dict(result.last_student)
+        test_acc_last = evaluate(splits.test_x, splits.test_y)
+        student.model.load_state_dict(best_student)
     results = {
         "method": cfg.method.name,
         "method_name": cfg.method.display_name,
@@ -180,7 +188,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
         "prepare_time_sec": result.prepare_time_sec,
         "train_acc": evaluate(splits.train_x, splits.train_y),
         "val_acc": result.best_val_acc,
-        "test_acc": evaluate(splits.test_x, splits.test_y),
+        "test_acc": test_acc,
         "test_acc_last": test_acc_last,
         "best_epoch": result.best_epoch,
         "resumed_from_epoch": result.resumed_from_epoch,
@@ -199,6 +207,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     }
     save_torch({"state_dict": student.model.state_dict(), "loss_state_dict": loss_fn.state_dict(),
                 "arch": cfg.model.student.name, "best_epoch": result.best_epoch}, run_dir / STUDENT)
+    keep_predictions(test, run_dir / STUDENT, tensors_sha256(splits.test_x, splits.test_y), run_dir / TEST_PREDICTIONS)
     save_json(results, run_dir / RESULTS)
     (run_dir / STATE).unlink(missing_ok=True)
     logger.log_summary(results)

@@ -27,6 +27,7 @@ CONFIG = ".hydra/config.yaml"
 HYDRA = ".hydra/hydra.yaml"
 RESULTS = "results.json"
 STUDENT = "student.pt"
+TEST_PREDICTIONS = "test-predictions.pt"  # the student's test-set logits and embeddings, for the report
 STATE = "training-state.pt"
 STATUS = "status.json"
 FINGERPRINT = "fingerprint.json"

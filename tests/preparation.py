@@ -47,6 +47,26 @@ class Stage:
     def teacher_unchanged(self) -> bool:
         return all(torch.equal(v, self.teacher.model.state_dict()[k]) for k, v in self.teacher_before.items())
 
+    def check_guided_preparation(self, loss, guided: tuple[str, ...], name: str, epochs: int) -> None:
+        """Run `loss.prepare` on the student in train mode, then check that it trained the guided layers (weights
+        and BatchNorm statistics) and the loss's connectors only, left the connectors out of the student's
+        optimizer and in eval mode, and logged a falling loss once per epoch."""
+        assert list(loss.parameters()) == []  # the connectors are not in the student's optimizer
+        connectors_before = {k: v.clone() for k, v in loss.connectors.state_dict().items()}
+        self.student.train()
+        loss.prepare(self.preparation())
+        changed = self.student_changes()
+        for key, moved in changed.items():
+            assert moved == key.startswith(guided), key
+        assert not any(changed[k] for k in ("fc.weight", "fc.bias"))
+        assert self.teacher_unchanged()
+        assert all(not torch.equal(v, loss.connectors.state_dict()[k]) for k, v in connectors_before.items()
+                   if not k.endswith("num_batches_tracked"))
+        assert not any(b.requires_grad for b in loss.connectors.buffers()) and list(loss.parameters()) == []
+        assert self.student.training and not any(m.training for m in loss.connectors.modules())
+        assert [m.split(":")[0] for m in self.messages] == [f"{name} epoch {e}/{epochs}" for e in range(1, epochs + 1)]
+        assert self.logged()[-1] < self.logged()[0]
+
     def logged(self) -> list[float]:
         """The mean loss of each preparation epoch, as logged ("<name> epoch e/E: value")."""
         return [float(m.rsplit(": ", 1)[1]) for m in self.messages]

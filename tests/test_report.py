@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ import torch
 from conftest import ROOT, TINY, run_train
 from kd.models import ResNet18, SmallNet, resnet20
 from kd.report.collect import NoRuns, collect
-from kd.report.complexity import complexity, latency_ms
+from kd.report.complexity import MIN_TIMED, complexity, latency_ms
 from kd.report.markdown import table
 from kd.report.metrics import (calibration_bins, confusion, expected_calibration_error, linear_cka, logit_metrics,
                                per_class_accuracy, reliability_bins)
@@ -240,6 +241,29 @@ def test_latency_is_a_positive_time_per_image():
     assert 0 < ms < 1000
 
 
+class SlowModel(torch.nn.Module):
+    """Sleeps 20 ms per forward pass and counts the passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.passes = torch.nn.Parameter(torch.ones(1)), 0
+
+    def forward(self, x):
+        self.passes += 1
+        time.sleep(0.02)
+        return x * self.weight
+
+
+def test_latency_timing_stops_at_its_time_budget_but_never_below_three_passes():
+    budgeted, unbudgeted, tiny = SlowModel(), SlowModel(), SlowModel()
+    assert latency_ms(budgeted, batch_size=2, warmup=1, repeats=50, seconds=0.1) == pytest.approx(10, rel=0.5)
+    assert 1 + 5 <= budgeted.passes <= 1 + 8  # one warm-up, then passes until 0.1 s were timed
+    latency_ms(unbudgeted, batch_size=2, warmup=0, repeats=12)
+    assert unbudgeted.passes == 12
+    latency_ms(tiny, batch_size=2, warmup=0, repeats=20, seconds=1e-6)
+    assert tiny.passes == MIN_TIMED
+
+
 # ---------------------------------------------------------------- table arithmetic
 
 def fake_summary():
@@ -388,6 +412,30 @@ def test_accuracies_agree_with_what_the_runs_recorded(report, sweeps):
     assert teacher.cka == pytest.approx(1.0)
     assert teacher.test_acc == pytest.approx(runs["0_ce"]["teacher"]["test_acc"], abs=1e-9)
     assert teacher.agreement == 1 and teacher.kl == pytest.approx(0, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_the_report_reads_each_runs_kept_test_predictions_and_only_for_its_weights(sweeps, tmp_path):
+    from kd.report.evaluate import Evaluator, LatencySettings
+    run = tmp_path / "run"
+    shutil.copytree(sweeps / "sweep" / "2_kd", run)
+    (job,) = collect([run])
+    evaluator = Evaluator(torch.device("cpu"), LatencySettings(8, 0, 0))
+    fresh = evaluator._predict(job, job.cfg.model.student, run / "student.pt")
+    kept = evaluator.student(job)
+    assert torch.allclose(kept.logits, fresh.logits, atol=1e-5) and torch.allclose(kept.embed, fresh.embed, atol=1e-5)
+    assert kept.embed.shape == (100, 128)  # SmallNet's pooled vector, for every test image
+
+    saved = torch.load(run / "test-predictions.pt")
+    torch.save({**saved, "logits": saved["logits"].flip(1)}, run / "test-predictions.pt")
+    assert torch.equal(evaluator.student(job).logits, saved["logits"].flip(1))  # read, not recomputed
+    weights = torch.load(run / "student.pt")
+    weights["state_dict"]["fc.bias"] += 1.0  # other weights: the kept predictions no longer apply
+    torch.save(weights, run / "student.pt")
+    changed = evaluator.student(job)
+    assert torch.allclose(changed.logits, fresh.logits + 1.0, atol=1e-4)
+    (run / "test-predictions.pt").write_bytes(b"truncated")  # unreadable: evaluated instead, not an error
+    assert torch.allclose(evaluator.student(job).logits, changed.logits)
 
 
 @pytest.mark.slow

@@ -24,6 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency-batch", type=int, default=128, help="batch size of the latency measurement")
     p.add_argument("--latency-warmup", type=int, default=5, help="untimed forward passes before timing")
     p.add_argument("--latency-repeats", type=int, default=20, help="timed passes (median taken); 0 skips latency")
+    p.add_argument("--latency-seconds", type=float, default=3.0,
+                   help="per architecture, stop timing once the timed passes took this long (at least 3 are timed)")
     p.add_argument("--wandb", choices=["auto", "off", "offline", "online"], default="auto",
                    help="auto: log to W&B when the jobs used the W&B logger, in their mode; online also publishes a "
                         "W&B Report of the sweep's group (offline: its spec is saved as wandb-report.json)")
@@ -37,11 +39,13 @@ def main(argv=None) -> int:
                                ("--latency-repeats", args.latency_repeats, 0)):
         if value < least:
             sys.exit(f"kd-report: {name}={value} is invalid: it must be a whole number >= {least}")
+    if not args.latency_seconds > 0:
+        sys.exit(f"kd-report: --latency-seconds={args.latency_seconds} is invalid: it must be a number of seconds > 0")
     try:
         device = resolve_device(args.device)
         mode = {"auto": None, "off": "disabled"}.get(args.wandb, args.wandb)
-        written = write_report(args.folders, device, LatencySettings(args.latency_batch, args.latency_warmup,
-                                                                     args.latency_repeats), args.out, mode)
+        latency = LatencySettings(args.latency_batch, args.latency_warmup, args.latency_repeats, args.latency_seconds)
+        written = write_report(args.folders, device, latency, args.out, mode)
     except (NoRuns, ConfigError) as err:
         sys.exit(f"kd-report: {err}")
     print(f"report written to {written.folder / 'report.md'} ({len(written.files)} files)")

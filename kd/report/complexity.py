@@ -1,6 +1,7 @@
 """Model size and cost, as the notebook compared them: parameters, layers, MACs/FLOPs, latency."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -34,9 +35,14 @@ def flops_per_image(model: nn.Module) -> int:
     return counter.get_total_flops()
 
 
+MIN_TIMED = 3  # timed passes a latency is the median of, at the least, however long they take
+
+
 @torch.inference_mode()
-def latency_ms(model: nn.Module, batch_size: int, warmup: int, repeats: int) -> float:
-    """Median wall time of one fp32 forward pass of a batch, per image; CUDA is synchronised around each pass."""
+def latency_ms(model: nn.Module, batch_size: int, warmup: int, repeats: int, seconds: float = math.inf) -> float:
+    """Median wall time of one fp32 forward pass of a batch, per image; CUDA is synchronised around each pass.
+    Timing stops after `repeats` passes, or once the timed passes have taken `seconds` and at least
+    MIN_TIMED of them are done, so a large teacher on a CPU is not timed for a minute."""
     if repeats < 1:
         return float("nan")
     model.eval()
@@ -45,7 +51,7 @@ def latency_ms(model: nn.Module, batch_size: int, warmup: int, repeats: int) -> 
     for _ in range(warmup):
         model(batch)
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats and (len(times) < MIN_TIMED or sum(times) < seconds):
         synchronize(device)
         start = time.perf_counter()
         model(batch)
@@ -54,8 +60,9 @@ def latency_ms(model: nn.Module, batch_size: int, warmup: int, repeats: int) -> 
     return statistics.median(times) * 1000 / batch_size
 
 
-def complexity(model: nn.Module, batch_size: int, warmup: int, repeats: int) -> dict[str, float]:
+def complexity(model: nn.Module, batch_size: int, warmup: int, repeats: int,
+               seconds: float = math.inf) -> dict[str, float]:
     total, trainable = parameter_counts(model)
     flops = flops_per_image(model)
     return {"params": total, "trainable_params": trainable, "layers": layer_count(model), "macs": flops // 2,
-            "flops": flops, "latency_ms": latency_ms(model, batch_size, warmup, repeats)}
+            "flops": flops, "latency_ms": latency_ms(model, batch_size, warmup, repeats, seconds)}

@@ -19,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from kd.checkpoints import load_weights
 from kd.data import build_splits
 from kd.device import resolve_precision
-from kd.evaluation import EMBED, Predictions, predict, teacher_predictions
-from kd.io import file_sha256
+from kd.evaluation import EMBED, Predictions, kept_predictions, predict, teacher_predictions
+from kd.io import file_sha256, tensors_sha256
 from kd.report.collect import Job
 from kd.report.complexity import complexity
-from kd.run_folder import STUDENT
+from kd.run_folder import STUDENT, TEST_PREDICTIONS
 from kd.taps import tapped
 
 @dataclass
@@ -31,6 +31,7 @@ class LatencySettings:
     batch_size: int = 128
     warmup: int = 5
     repeats: int = 20
+    seconds: float = 3.0  # timed passes stop here per architecture (at least three are timed)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Evaluator:
     def __init__(self, device: torch.device, latency: LatencySettings):
         self.device, self.latency = device, latency
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._split_sha256: dict[str, str] = {}
         self._teachers: dict[str, Teacher] = {}
         self._complexity: dict[str, dict] = {}
 
@@ -116,7 +118,14 @@ class Evaluator:
         return self._teachers[key]
 
     def student(self, job: Job) -> Predictions:
-        return self._predict(job, job.cfg.model.student, job.folder / STUDENT)
+        """The run's own test-set predictions when it kept them for these weights and images, else evaluated."""
+        images, labels = self.test_split(job)
+        split = _key(job.cfg.data.source)
+        if split not in self._split_sha256:
+            self._split_sha256[split] = tensors_sha256(images, labels)
+        kept = kept_predictions(job.folder / STUDENT, self._split_sha256[split], job.folder / TEST_PREDICTIONS,
+                                self.device)
+        return kept or self._predict(job, job.cfg.model.student, job.folder / STUDENT)
 
     def complexity(self, model_cfg: DictConfig) -> dict:
         """Size and cost of an architecture, measured once per architecture config."""
@@ -124,5 +133,5 @@ class Evaluator:
         if key not in self._complexity:
             model = instantiate(model_cfg.arch).to(self.device)
             self._complexity[key] = complexity(model, self.latency.batch_size, self.latency.warmup,
-                                               self.latency.repeats)
+                                               self.latency.repeats, self.latency.seconds)
         return self._complexity[key]

@@ -24,18 +24,24 @@ def sweep_group(job: Job) -> str:
     return wandb_group(job.hydra.hydra, job.folder)
 
 
-def log_report(jobs: list[Job], tables: dict[str, pd.DataFrame], plots: dict[str, Path], folder: Path,
-               mode: str | None) -> str | None:
-    """Log to W&B when the jobs used the W&B logger. Mode None: $WANDB_MODE if set, else the jobs' own mode.
-    Returns the run's folder.
-
-    A W&B failure warns and leaves the written report as it is.
-    """
+def resolved_mode(jobs: list[Job], mode: str | None) -> str | None:
+    """The W&B mode the report uses, or None for no W&B at all. Mode None (no --wandb): only when the jobs used
+    the W&B logger, then $WANDB_MODE if set, else the jobs' own mode."""
     logger = jobs[0].cfg.logger
     if mode is None and logger.get("_target_") != WANDB_LOGGER:
         return None
     mode = mode or os.environ.get("WANDB_MODE") or str(logger.get("mode") or "offline")
-    if mode == "disabled":
+    return None if mode == "disabled" else mode
+
+
+def log_report(jobs: list[Job], tables: dict[str, pd.DataFrame], plots: dict[str, Path], folder: Path,
+               mode: str | None) -> str | None:
+    """Log to W&B in the `resolved_mode`. Returns the run's folder.
+
+    A W&B failure warns and leaves the written report as it is.
+    """
+    logger, mode = jobs[0].cfg.logger, resolved_mode(jobs, mode)
+    if mode is None:
         return None
     try:
         import wandb

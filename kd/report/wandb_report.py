@@ -10,7 +10,6 @@ publishes a saved spec later.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from kd.io import load_json, save_json
 from kd.loggers import logged_keys
 from kd.report.collect import OK, Job, short
 from kd.report.plots import varying_params
-from kd.report.wandb_log import WANDB_LOGGER, sweep_group
+from kd.report.wandb_log import resolved_mode, sweep_group
 
 log = logging.getLogger(__name__)
 SPEC = "wandb-report.json"
@@ -203,11 +202,8 @@ def wandb_report(jobs: list[Job], summary: pd.DataFrame, best: pd.DataFrame, fol
                  mode: str | None) -> Published | None:
     """With the W&B logger (or --wandb given): the spec saved in `folder`, and published when online. A failure
     warns and leaves the written report as it is."""
-    logger = jobs[0].cfg.logger
-    if mode is None and logger.get("_target_") != WANDB_LOGGER:
-        return None
-    mode = mode or os.environ.get("WANDB_MODE") or str(logger.get("mode") or "offline")
-    if mode == "disabled":
+    mode = resolved_mode(jobs, mode)
+    if mode is None:
         return None
     path = folder / SPEC
     try:

@@ -10,6 +10,7 @@ import torch
 from kd.io import save_text
 from kd.report import markdown, plots, tables
 from kd.report.collect import collect
+from kd.report.complexity import MIN_TIMED
 from kd.report.evaluate import Evaluator, LatencySettings
 from kd.report.metrics import per_class_accuracy
 from kd.report.published import comparison as published_numbers
@@ -64,7 +65,8 @@ def write_report(folders: list[Path], device: torch.device, latency: LatencySett
 
     notes = [f"sweep folder(s): {', '.join(str(f.resolve()) for f in folders)}",
              f"evaluated on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}); "
-             + (f"latency: fp32, batch {latency.batch_size}, median of {latency.repeats} after {latency.warmup} warm-up"
+             + (f"latency: fp32, batch {latency.batch_size}, median of up to {latency.repeats} passes (at most "
+                  f"{latency.seconds:g} s of them per model, at least {MIN_TIMED}) after {latency.warmup} warm-up"
                 if latency.repeats else "latency: not measured (--latency-repeats 0)"),
              "accuracies are fractions; KL is KL(teacher || student) of the softmax outputs; MACs and FLOPs per "
              "32x32 image (torch.utils.flop_counter, FLOPs = 2 x MACs)"]
