@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -44,19 +45,42 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that compute bf16 in hardware
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no flags known, so no native bf16 assumed
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 in hardware: a CUDA device that supports it, or a CPU with AMX-BF16 or
+    AVX512-BF16. (oneDNN also runs bf16 on other AVX512 CPUs, emulated and slower than fp32.)"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return any(flag in _cpu_flags() for flag in NATIVE_BF16_CPU_FLAGS)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    """auto: bf16 autocast where the device computes bf16 natively (CUDA; CPUs with AMX-BF16 or AVX512-BF16),
+    fp32 elsewhere."""
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def numerics(device: torch.device, dtype: torch.dtype) -> dict:
     """What decides the bits of a computation besides its inputs: the device kind (CUDA device name or CPU
     instruction set), the precision and the torch version. Cached outputs made elsewhere are not reused."""
-    kind = f"cpu-{torch.backends.cpu.get_cpu_capability()}" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    if device.type == "cpu":  # bf16 kernels differ between CPUs with and without bf16 units
+        kind = f"cpu-{torch.backends.cpu.get_cpu_capability()}" + ("-native-bf16" if native_bf16(device) else "")
+    else:
+        kind = torch.cuda.get_device_name(device)
     return {"device": kind, "precision": str(dtype).removeprefix("torch."), "torch": torch.__version__}
 
 

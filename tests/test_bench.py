@@ -27,6 +27,8 @@ def test_tiny_benchmark_prints_its_table_and_command_and_writes_json(tmp_path, m
     assert f"command: python -m kd.bench {shlex.join(TINY_BENCH)}" in printed
     assert "per step (batch 64, median of 3" in printed and "roofline: none (no bf16 peak is listed for a CPU)" in printed
     assert "  cold: " in printed and "  warm: " in printed
+    assert "teacher forward (batch 64, as a run computes it): float32 " in printed
+    assert report_has_no_accuracy_for_random_weights(tmp_path / "bench.json")
     report = json.loads((tmp_path / "bench.json").read_text())
     assert set(report) >= {"command", "environment", "settings", "pipeline", "kd_epoch", "sweep", "ratios", "steps", "runs"}
     steps = report["steps"]
@@ -41,6 +43,30 @@ def test_tiny_benchmark_prints_its_table_and_command_and_writes_json(tmp_path, m
     # ce needs no teacher; at computes the epoch's logits and features; kd reads the logits
     reuse = report["sweep"]["harness_reuse"]["methods"]
     assert [reuse[m]["teacher_epochs_reused"] for m in ("ce", "at", "kd")] == [0, 0, 1]
+
+
+def report_has_no_accuracy_for_random_weights(path):
+    forward = json.loads(path.read_text())["teacher_forward"]
+    return forward["float32_ms"] > 0 and not any(k.endswith("_test_acc") for k in forward)
+
+
+def test_the_teachers_forward_is_timed_per_precision_with_its_accuracy_when_trained(random_teacher_ckpts, tmp_path,
+                                                                                    monkeypatch):
+    from kd.bench import measure
+    from kd.bench.__main__ import compose_bench
+    from kd.evaluation import logits_accuracy
+    monkeypatch.chdir(tmp_path)
+    argv = [*TINY_BENCH, "model@model.teacher=resnet20", f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}"]
+    cfg = compose_bench(argv, "kd")
+    s = measure.setup(cfg)
+    out = measure.teacher_forward(cfg, s, [torch.float32, torch.bfloat16], s.teacher_trained)
+    assert s.teacher_trained and out["batch_size"] == 64 and out["test_images"] == 100
+    assert out["float32_ms"] > 0 and out["bfloat16_ms"] > 0
+    teacher = measure._networks(cfg, s, plain=False)[2]
+    with torch.inference_mode():
+        direct = logits_accuracy(teacher(s.splits.test_x).logits, s.splits.test_y)  # unfolded, NCHW, fp32
+    assert out["float32_test_acc"] == pytest.approx(direct, abs=0.011)  # at most one of 100 images flips
+    assert 0 <= out["bfloat16_test_acc"] <= 1
 
 
 def test_help_shows_the_settings(capsys):

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd.bench import measure, report
 from kd.config_groups import CONF, options
-from kd.device import resolve_precision
+from kd.device import native_bf16, resolve_precision
 from kd.io import save_json
 from kd.validation import ConfigError
 
@@ -45,7 +45,7 @@ def bf16_plan(setting, device: torch.device) -> tuple[bool, str]:
     if setting not in BF16:
         raise ConfigError(f"bench.bf16={setting!r} is invalid: use auto, true or false")
     if setting is not True and setting is not False:
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        native = native_bf16(device)
         return native, "" if native else "this CPU has no native bf16 (AVX512-BF16/AMX); force with bench.bf16=true"
     return setting, "" if setting else "bench.bf16=false"
 
@@ -84,13 +84,17 @@ def run(argv: list[str]) -> dict:
         out["kd_epoch"]["harness_bf16"] = measure.harness_epoch(kd_cfg, s, torch.bfloat16)
     else:
         out["kd_epoch"]["bf16_skipped"] = why
+    say("the teacher's forward alone: fp32" + (", bf16" if plan_bf16 else "")
+        + (", and its test accuracy in each" if s.teacher_trained else ""))
+    out["teacher_forward"] = measure.teacher_forward(kd_cfg, s, [torch.float32] + ([torch.bfloat16] if plan_bf16 else []),
+                                                     s.teacher_trained)
     say(f"per-step times of a vanilla-KD step: classic, harness eager, harness compiled ({cfg.bench.steps} steps)")
     out["steps"] = measure.steps(kd_cfg, s, resolve_precision(cfg.trainer.precision, s.device))
     if cfg.bench.runs:
         say("two whole train.py runs (kd, one epoch): cold caches, then warm")
         out["runs"] = measure.runs(argv, cfg, s)
     say(f"{len(methods)}-method sweep, one epoch each")
-    dtype = resolve_precision(cfg.trainer.precision, s.device)  # as train.py would run: bf16 on CUDA, fp32 on CPU
+    dtype = resolve_precision(cfg.trainer.precision, s.device)  # as train.py would run it (trainer.precision)
     out["sweep"] = measure.sweep(lambda m: compose_bench(argv, m), methods, s, dtype, say)
     out["environment"]["load_after"] = os.getloadavg()[0]
     out["ratios"] = report.ratios(out)

@@ -28,7 +28,8 @@ from kd.bench import classic
 from kd.bench import steps as step_times
 from kd.checkpoints import load_weights
 from kd.data import DeviceLoader, Splits
-from kd.device import synchronize
+from kd.device import autocast, synchronize
+from kd.evaluation import logits_accuracy, predict_logits
 from kd.io import tensors_sha256
 from kd.trainer import Trainer
 
@@ -45,6 +46,7 @@ class Setup:
     teacher_state: dict
     teacher_source: str
     images: int
+    teacher_trained: bool  # weights from a checkpoint, not random ones: its accuracy means something
 
     @property
     def device(self) -> torch.device:
@@ -71,7 +73,7 @@ def setup(cfg: DictConfig) -> Setup:
         source = str(path)
     else:  # the benchmark times the teacher, it does not need it trained
         source = f"random weights (no checkpoint at {path})"
-    return Setup(prepared, splits, model.state_dict(), source, len(splits.train_y))
+    return Setup(prepared, splits, model.state_dict(), source, len(splits.train_y), path.exists())
 
 
 def _networks(cfg: DictConfig, s: Setup, plain: bool):
@@ -170,6 +172,32 @@ def steps(cfg: DictConfig, s: Setup, dtype: torch.dtype) -> dict:
                                                       if p.requires_grad])
         return student, loss, teacher, optimizer
     return step_times.measure(cfg, make_trainer, make_classic, s.device, cfg.bench.steps, cfg.bench.step_warmup)
+
+
+def teacher_forward(cfg: DictConfig, s: Setup, dtypes: list[torch.dtype], trained: bool) -> dict:
+    """The frozen teacher's forward alone, as a run computes it (its taps, memory format and folded BatchNorms,
+    inference mode, autocast): milliseconds per training batch in each precision, the median of `bench.steps`
+    after `bench.step_warmup`; for a trained teacher also its test accuracy in each precision, the check before
+    bf16 may be used by default."""
+    student, loss, teacher = _networks(cfg, s, plain=False)
+    trainer = Trainer(student, loss, teacher, s.splits, cfg.optim, cfg.kd_epochs, cfg.seed, torch.float32,
+                      cfg.trainer.eval_batch_size, label=cfg.method.name, progress=False,
+                      acceleration=s.prepared.acceleration)
+    batch = next(iter(trainer.loader.epoch(0))).images
+    out = {"batch_size": len(batch), "test_images": len(s.splits.test_y)}
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        times = []
+        for i in range(cfg.bench.step_warmup + cfg.bench.steps):
+            with torch.inference_mode(), autocast(s.device, dtype):
+                _, seconds = timed(s.device, lambda: trainer.teacher(batch))
+            if i >= cfg.bench.step_warmup:
+                times.append(seconds)
+        out[f"{name}_ms"] = 1e3 * sorted(times)[len(times) // 2]
+    for dtype in dtypes if trained else []:
+        logits = predict_logits(trainer.teacher, s.splits.test_x, cfg.trainer.eval_batch_size, dtype)
+        out[f"{str(dtype).removeprefix('torch.')}_test_acc"] = logits_accuracy(logits, s.splits.test_y)
+    return out
 
 
 def runs(argv: list[str], cfg: DictConfig, s: Setup) -> dict:

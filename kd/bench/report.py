@@ -7,7 +7,9 @@ def ratios(report: dict) -> dict:
     pipe, epoch, sweep = report["pipeline"], report["kd_epoch"], report["sweep"]
     over = lambda a, b: a / b if a and b else None  # noqa: E731
     bf16 = epoch.get("harness_bf16", {}).get("seconds")
+    teacher = report.get("teacher_forward", {})
     return {
+        "teacher_forward_bf16": over(teacher.get("float32_ms"), teacher.get("bfloat16_ms")),
         "pipeline": over(pipe["harness"]["batches_per_sec"], pipe["classic"]["batches_per_sec"]),
         "kd_epoch_fp32": over(epoch["classic"]["seconds"], epoch["harness_fp32"]["seconds"]),
         "kd_epoch_bf16": over(epoch["classic"]["seconds"], bf16),
@@ -51,6 +53,17 @@ def table(report: dict) -> str:
                                        ("harness_reuse", "harness, teacher reused", r["sweep"], t["sweep"])):
         lines.append(_row(f"{n}-method sweep: {label}", sweep[name]["seconds"],
                           f"{n * s['images'] / sweep[name]['seconds']:.0f} images/s", ratio, target))
+    tf = report.get("teacher_forward")
+    if tf:
+        lines.append("")
+        precisions = [k.removesuffix("_ms") for k in tf if k.endswith("_ms")]
+        lines.append(f"teacher forward (batch {tf['batch_size']}, as a run computes it): " + ", ".join(
+            f"{p} {tf[p + '_ms']:.2f} ms" for p in precisions)
+            + (f" ({r['teacher_forward_bf16']:.2f}x in bf16; target >= {t['teacher_forward_bf16']:g}x)"
+               if r["teacher_forward_bf16"] else ""))
+        if "float32_test_acc" in tf:
+            lines.append(f"  teacher test accuracy on {tf['test_images']} images: " + ", ".join(
+                f"{p} {tf[p + '_test_acc']:.4f}" for p in precisions))
     st = report.get("steps")
     if st:
         lines.append("")
