@@ -13,7 +13,7 @@ from kd.run import train
 TINY_BENCH = ["data=synthetic", "data.source.num_train=300", "data.source.num_test=100", "bench.images=128",
               "bench.val_images=32", "bench.workers=0", "bench.pipeline_epochs=1", "model@model.teacher=smallnet",
               "bench.methods=[ce,at,kd]", "device=cpu", "bench.out=bench.json", "bench.steps=3",
-              "bench.step_warmup=2"]
+              "bench.step_warmup=2", "trainer.precision=fp32"]
 
 
 def test_tiny_benchmark_prints_its_table_and_command_and_writes_json(tmp_path, monkeypatch, capsys):
@@ -25,6 +25,7 @@ def test_tiny_benchmark_prints_its_table_and_command_and_writes_json(tmp_path, m
                 "3-method sweep: harness, teacher per batch", "3-method sweep: harness, teacher reused"):
         assert row in printed, printed
     assert f"command: python -m kd.bench {shlex.join(TINY_BENCH)}" in printed
+    assert "whole-run rows run float32 (trainer.precision" in printed
     assert "per step (batch 64, median of 3" in printed and "roofline: none (no bf16 peak is listed for a CPU)" in printed
     assert "  cold: " in printed and "  warm: " in printed
     assert "teacher forward (batch 64, as a run computes it): float32 " in printed

@@ -72,7 +72,8 @@ def run(argv: list[str]) -> dict:
            "settings": {"images": s.images, "val_images": len(s.splits.val_y), "batch_size": cfg.optim.batch_size,
                         "workers": cfg.bench.workers, "teacher": cfg.model.teacher.name, "teacher_weights": s.teacher_source,
                         "student": cfg.model.student.name, "data": cfg.data.name, "methods": methods,
-                        "acceleration": dataclasses.asdict(s.prepared.acceleration)},
+                        "acceleration": dataclasses.asdict(s.prepared.acceleration),
+                        "precision": str(resolve_precision(cfg.trainer.precision, s.device)).removeprefix("torch.")},
            "targets": OmegaConf.to_container(cfg.bench.targets)}
     say(f"input pipeline, {s.images} images")
     out["pipeline"] = measure.pipeline(cfg, s)

@@ -32,7 +32,8 @@ def table(report: dict) -> str:
     lines = [f"kd.bench on {env['device']} ({env['threads']} threads, load {env['load_before']:.1f} before / "
              f"{env['load_after']:.1f} after), torch {env['torch']}",
              f"{s['images']} training images, batch {s['batch_size']}, teacher {s['teacher']} ({s['teacher_weights']}), "
-             f"student {s['student']}, data {s['data']}",
+             f"student {s['student']}, data {s['data']}; the classic loop runs fp32, the harness's per-step, sweep "
+             f"and whole-run rows run {s['precision']} (trainer.precision, as train.py would here)",
              "", f"{'':<44} {'seconds':>9}  {'rate':>18}  {'speed-up':>8}  target",
              _row(f"input pipeline: classic, {pipe['classic']['workers']} workers", pipe["classic"]["seconds"],
                   f"{pipe['classic']['batches_per_sec']:.1f} batches/s", None, None),
