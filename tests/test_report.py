@@ -339,6 +339,8 @@ def test_console_script_is_declared():
 def test_bad_latency_settings_are_refused(tmp_path):
     proc = report_cli(tmp_path, "--latency-batch", "0")
     assert proc.returncode != 0 and "--latency-batch=0 is invalid: it must be a whole number >= 1" in proc.stderr
+    proc = report_cli(tmp_path, "--latency-seconds", "0")
+    assert proc.returncode != 0 and "--latency-seconds=0.0 is invalid: it must be a number of seconds > 0" in proc.stderr
 
 
 # ---------------------------------------------------------------- the report on a real tiny sweep

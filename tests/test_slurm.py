@@ -64,6 +64,17 @@ def test_sweep_of_three_methods_as_a_job_array(tmp_path, random_teacher_ckpts):
     assert len(list((sweep / ".submitit").iterdir())) >= 1  # submitted through Slurm, not run in-process
 
 
+def test_a_search_runs_its_trials_as_slurm_jobs(tmp_path, random_teacher_ckpts):
+    pytest.importorskip("optuna", reason="the search needs the tune extra: pip install -e '.[tune]'")
+    from test_search import check_trials_are_run_folders, search_args
+    study = tmp_path / "study"
+    proc = run_train(["-m", *search_args(study, random_teacher_ckpts, "hydra.sweeper.n_jobs=3"), *SLURM],
+                     cwd=tmp_path, OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    check_trials_are_run_folders(study)  # three trials, each an ordinary run folder scored by its val_acc
+    assert len(list((study / ".submitit").iterdir())) >= 1  # submitted through Slurm, not run in-process
+
+
 def test_a_failing_job_leaves_the_others_and_the_sweep_reports_it(tmp_path, random_teacher_ckpts):
     sweep = tmp_path / "sweep"
     # temperature 0 makes the KD loss non-finite in the first step: that job fails, the other must not
