@@ -11,23 +11,37 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd.data import eval_batches
 from kd.device import autocast, numerics
-from kd.io import file_sha256, save_json, save_torch, tensors_sha256
+from kd.io import file_sha256, save_json, save_torch
 from kd.taps import TappedModel, tapped
+
+EMBED = "embed"
+
+
+@dataclass
+class Predictions:
+    logits: torch.Tensor
+    embed: torch.Tensor | None  # the pooled vector the classifier reads (the model config's `embed` tap), flattened
 
 
 @torch.inference_mode()
-def predict_logits(model: TappedModel, images: torch.Tensor, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
+def predict(net: TappedModel, images: torch.Tensor, batch_size: int, dtype: torch.dtype) -> Predictions:
+    """Logits over a split, in eval mode, in the run's precision, and the embeddings where `net` taps `embed`."""
+    was_training = net.training
+    net.eval()
+    logits, embed = [], []
     with autocast(images.device, dtype):
-        logits = torch.cat([model(x).logits.float() for x, _ in eval_batches(images, images, batch_size)])
-    model.train(was_training)
-    return logits
+        for x, _ in eval_batches(images, images, batch_size):
+            out = net(x)
+            logits.append(out.logits.float())
+            if EMBED in out.features:
+                embed.append(out.features[EMBED].float().flatten(1))
+    net.train(was_training)
+    return Predictions(torch.cat(logits), torch.cat(embed) if embed else None)
 
 
 def accuracy(model: TappedModel, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
              dtype: torch.dtype) -> float:
-    return logits_accuracy(predict_logits(model, images, batch_size, dtype), labels)
+    return logits_accuracy(predict(model, images, batch_size, dtype).logits, labels)
 
 
 def logits_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -36,48 +50,31 @@ def logits_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).sum().item() / len(labels)
 
 
-EMBED = "embed"
-
-
-@dataclass
-class Predictions:
-    logits: torch.Tensor
-    embed: torch.Tensor  # the pooled vector the classifier reads (the model config's `embed` tap), flattened
-
-
-@torch.inference_mode()
-def predict(net: TappedModel, images: torch.Tensor, batch_size: int, dtype: torch.dtype) -> Predictions:
-    """Logits and embeddings over a split, in eval mode, in the run's precision; `net` taps `embed`."""
-    was_training = net.training
-    net.eval()
-    logits, embed = [], []
-    with autocast(images.device, dtype):
-        for x, _ in eval_batches(images, images, batch_size):
-            out = net(x)
-            logits.append(out.logits.float())
-            embed.append(out.features[EMBED].float().flatten(1))
-    net.train(was_training)
-    return Predictions(torch.cat(logits), torch.cat(embed))
+def embedded_predictions(model_cfg: DictConfig, model: torch.nn.Module, images: torch.Tensor, batch_size: int,
+                         dtype: torch.dtype) -> Predictions:
+    """A model's logits and embeddings over a split, through its own normalisation and `embed` tap."""
+    net = tapped(model_cfg, model, [EMBED])
+    try:
+        return predict(net, images, batch_size, dtype)
+    finally:
+        net.close()
 
 
 def teacher_predictions(model_cfg: DictConfig, model: torch.nn.Module, weights_sha256: str, images: torch.Tensor,
-                        labels: torch.Tensor, batch_size: int, dtype: torch.dtype,
+                        images_sha256: str, batch_size: int, dtype: torch.dtype,
                         directory: str | Path | None) -> Predictions:
-    """A frozen teacher's logits and embeddings on a whole split, kept in `directory/predictions/` so that every
-    later run and report with the same weights, architecture, normalisation, split, batch size and numerics reads
-    them instead of evaluating the teacher again (a minute for ResNet-56 on 10,000 CPU images). No directory:
+    """A frozen teacher's logits and embeddings on a whole split (whose images and labels hash to
+    `images_sha256`: `tensors_sha256(images, labels)`), kept in `directory/predictions/` so that every later run
+    and report with the same weights, architecture, normalisation, split, batch size and numerics reads them
+    instead of evaluating the teacher again (a minute for ResNet-56 on 10,000 CPU images). No directory:
     computed."""
     def compute() -> Predictions:
-        net = tapped(model_cfg, model, [EMBED])
-        try:
-            return predict(net, images, batch_size, dtype)
-        finally:
-            net.close()
+        return embedded_predictions(model_cfg, model, images, batch_size, dtype)
     if directory is None:
         return compute()
     key = {"weights": weights_sha256, "arch": OmegaConf.to_container(model_cfg.arch, resolve=True),
            "normalization": OmegaConf.to_container(model_cfg.normalization, resolve=True),
-           "images": tensors_sha256(images, labels), "batch_size": batch_size, **numerics(images.device, dtype)}
+           "images": images_sha256, "batch_size": batch_size, **numerics(images.device, dtype)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(directory) / "predictions" / f"{digest}.pt"
     try:

@@ -85,3 +85,14 @@ def tensors_sha256(*tensors: torch.Tensor) -> str:
         digest.update(str((t.dtype, tuple(t.shape))).encode())
         digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def flatten(mapping: dict, separator: str, prefix: str = "") -> dict:
+    """Nested dicts as one level, keys joined with `separator`: {"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, separator, f"{prefix}{key}{separator}"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

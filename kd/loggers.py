@@ -12,6 +12,8 @@ import os
 import warnings
 from pathlib import Path
 
+from kd.io import flatten
+
 log = logging.getLogger(__name__)
 
 
@@ -45,14 +47,9 @@ def _never_raise(method):
     return guarded
 
 
-def _flatten(record: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float, str, bool)) or value is None:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def _flatten(record: dict) -> dict:
+    """Nested dicts flattened with '/', scalar values only."""
+    return {k: v for k, v in flatten(record, "/").items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
 def epoch_record(record: dict) -> dict:

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import copy
 import logging
 import platform
 from dataclasses import dataclass
@@ -20,10 +19,10 @@ from kd import teacher as teachers
 from kd import teacher_cache
 from kd.data import Splits, build_splits
 from kd.device import Acceleration, resolve_device, resolve_precision
-from kd.evaluation import EMBED, accuracy, keep_predictions, logits_accuracy, predict, teacher_predictions
+from kd.evaluation import accuracy, embedded_predictions, keep_predictions, logits_accuracy, teacher_predictions
 from kd.io import file_sha256, load_json, save_json, save_torch, tensors_sha256
 from kd.losses.base import DistillationLoss, loss_factory
-from kd.run_folder import (FAILED, FINISHED, RESULTS, RUNNING, STATE, STUDENT, TEST_PREDICTIONS, claim,
+from kd.run_folder import (CONFIG, FAILED, FINISHED, HYDRA, RESULTS, RUNNING, STATE, STUDENT, TEST_PREDICTIONS, claim,
                            decisive_config, owned, wandb_group, write_status)
 from kd.taps import TappedModel, probe_shapes, resolve, tapped
 from kd.trainer import Trainer
@@ -93,7 +92,7 @@ def hydra_files(cfg: DictConfig) -> dict[str, str]:
     if not HydraConfig.initialized():
         return {}
     hc = HydraConfig.get()
-    return {".hydra/config.yaml": OmegaConf.to_yaml(cfg), ".hydra/hydra.yaml": OmegaConf.to_yaml({"hydra": hc}),
+    return {CONFIG: OmegaConf.to_yaml(cfg), HYDRA: OmegaConf.to_yaml({"hydra": hc}),
             ".hydra/overrides.yaml": OmegaConf.to_yaml(list(hc.overrides.task))}
 
 
@@ -115,6 +114,22 @@ def train(cfg: DictConfig) -> dict:
             raise
         write_status(run_dir, FINISHED, epochs_done=len(results["history"]))
         return results
+
+
+def split_digests(splits: Splits) -> dict[str, str]:
+    """The sha256 of the test and of the validation split (images and labels): what kept predictions are keyed by."""
+    return {"test": tensors_sha256(splits.test_x, splits.test_y), "val": tensors_sha256(splits.val_x, splits.val_y)}
+
+
+def teacher_accuracy(cfg: DictConfig, teacher_model: torch.nn.Module, weights_sha256: str, splits: Splits,
+                     split_sha256: dict[str, str], dtype: torch.dtype) -> dict[str, float]:
+    """The teacher's test and validation accuracy, from its predictions kept in the teacher cache (computed there
+    once per teacher and split)."""
+    directory = to_absolute_path(cfg.teacher_cache.dir) if cfg.teacher_cache.enabled else None
+    return {split: logits_accuracy(teacher_predictions(cfg.model.teacher, teacher_model, weights_sha256, x,
+                                                       split_sha256[split], cfg.trainer.eval_batch_size, dtype,
+                                                       directory).logits, y)
+            for split, x, y in (("test", splits.test_x, splits.test_y), ("val", splits.val_x, splits.val_y))}
 
 
 def finished_results(run_dir: Path) -> dict | None:
@@ -141,10 +156,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     teacher_model = teachers.load_or_train(cfg, splits, device, dtype)
     student, teacher, loss_fn = build_networks(cfg, prepared, teacher_model, splits.train_y)
     teacher_sha256 = file_sha256(teachers.checkpoint_path(cfg.model.teacher))
-    logits_dir = to_absolute_path(cfg.teacher_cache.dir) if cfg.teacher_cache.enabled else None
-    teacher_acc = {split: logits_accuracy(teacher_predictions(cfg.model.teacher, teacher_model, teacher_sha256, x, y,
-                                                              cfg.trainer.eval_batch_size, dtype, logits_dir).logits, y)
-                   for split, x, y in (("test", splits.test_x, splits.test_y), ("val", splits.val_x, splits.val_y))}
+    split_sha256 = split_digests(splits)
+    teacher_acc = teacher_accuracy(cfg, teacher_model, teacher_sha256, splits, split_sha256, dtype)
     log.info("teacher %s test_acc %.4f", cfg.model.teacher.name, teacher_acc["test"])
     if loss_fn.scale_note():
         log.info("%s", loss_fn.scale_note())
@@ -167,18 +180,13 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     student.close()
 
     evaluate = lambda x, y: accuracy(student, x, y, cfg.trainer.eval_batch_size, dtype)  # noqa: E731
-    test_net = tapped(cfg.model.student, student.model, [EMBED])
-    try:
-        test = predict(test_net, splits.test_x, cfg.trainer.eval_batch_size, dtype)
-    finally:
-        test_net.close()
+    test = embedded_predictions(cfg.model.student, student.model, splits.test_x, cfg.trainer.eval_batch_size, dtype)
     test_acc = logits_accuracy(test.logits, splits.test_y)
-    test_acc_last = test_acc  # the best epoch is the last one: the same weights
-    if result.best_epoch != cfg.kd_epochs:
-        best_student = copy.deepcopy(student.model.state_dict())
+    test_acc_last = test_acc  # without last-epoch weights the best epoch was the last: the same weights
+    if result.last_student is not None:
         student.model.load_state_dict(result.last_student)
         test_acc_last = evaluate(splits.test_x, splits.test_y)
-        student.model.load_state_dict(best_student)
+        student.model.load_state_dict(result.best_student)
     results = {
         "method": cfg.method.name,
         "method_name": cfg.method.display_name,
@@ -207,7 +215,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     }
     save_torch({"state_dict": student.model.state_dict(), "loss_state_dict": loss_fn.state_dict(),
                 "arch": cfg.model.student.name, "best_epoch": result.best_epoch}, run_dir / STUDENT)
-    keep_predictions(test, run_dir / STUDENT, tensors_sha256(splits.test_x, splits.test_y), run_dir / TEST_PREDICTIONS)
+    keep_predictions(test, run_dir / STUDENT, split_sha256["test"], run_dir / TEST_PREDICTIONS)
     save_json(results, run_dir / RESULTS)
     (run_dir / STATE).unlink(missing_ok=True)
     logger.log_summary(results)

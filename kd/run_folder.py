@@ -21,7 +21,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from kd.io import save_json, save_text
+from kd.io import flatten, save_json, save_text
 
 CONFIG = ".hydra/config.yaml"
 HYDRA = ".hydra/hydra.yaml"
@@ -120,18 +120,8 @@ def decisive_config(cfg: DictConfig) -> dict:
     return config
 
 
-def _flat(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def differences(old: dict, new: dict) -> list[str]:
-    a, b = _flat(old), _flat(new)
+    a, b = flatten(old, "."), flatten(new, ".")
     return [f"{k}: {a.get(k, '<absent>')!r} there, {b.get(k, '<absent>')!r} now" for k in sorted(set(a) | set(b))
             if a.get(k, "<absent>") != b.get(k, "<absent>")]
 

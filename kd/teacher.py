@@ -72,15 +72,6 @@ def load_or_train(cfg: DictConfig, splits: Splits, device: torch.device, dtype: 
     return model.to(device).eval().requires_grad_(False)
 
 
-def measure(cfg: DictConfig, splits: Splits, device: torch.device, dtype: torch.dtype) -> dict:
-    """The teacher's validation and test accuracy (its checkpoint loaded afresh, as a run sees it)."""
-    model = instantiate(cfg.model.teacher.arch)
-    load_weights(model, checkpoint_path(cfg.model.teacher))
-    net = tapped(cfg.model.teacher, model.to(device).eval(), [])
-    return {split: accuracy(net, x, y, cfg.trainer.eval_batch_size, dtype)
-            for split, x, y in (("val_acc", splits.val_x, splits.val_y), ("test_acc", splits.test_x, splits.test_y))}
-
-
 def _train(cfg: DictConfig, model: torch.nn.Module, path: Path, splits: Splits, device: torch.device,
            dtype: torch.dtype) -> None:
     recipe = cfg.teacher_training

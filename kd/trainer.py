@@ -52,7 +52,8 @@ class TrainResult:
     train_time_sec: float
     resumed_from_epoch: int = 0
     prepare_time_sec: float = 0.0
-    last_student: dict | None = None  # the weights after the last epoch (the student itself ends at the best)
+    best_student: dict | None = None  # the best epoch's weights (the student itself ends with them loaded)
+    last_student: dict | None = None  # the weights after the last epoch, when that is not the best epoch
 
 
 @dataclass
@@ -265,11 +266,11 @@ class Trainer:
             self._save_state(state)
             if self.on_epoch is not None:
                 self.on_epoch(record)
-        last_student = copy.deepcopy(self.student.model.state_dict())
+        last_student = None if state.best["epoch"] == self.epochs else copy.deepcopy(self.student.model.state_dict())
         self.student.model.load_state_dict(state.best["student"])
         self.loss_fn.load_state_dict(state.best["loss"])
         return TrainResult(state.history, state.best["epoch"], state.best["val_acc"], state.train_time_sec,
-                           resumed_from, state.prepare_time_sec, last_student)
+                           resumed_from, state.prepare_time_sec, state.best["student"], last_student)
 
     def _log_epoch(self, r: dict, is_best: bool) -> None:
         terms = "  ".join(f"{k} {v:.4f}" for k, v in r["terms"].items())

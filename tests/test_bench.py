@@ -60,7 +60,7 @@ def test_the_teachers_forward_is_timed_per_precision_with_its_accuracy_when_trai
     argv = [*TINY_BENCH, "model@model.teacher=resnet20", f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}"]
     cfg = compose_bench(argv, "kd")
     s = measure.setup(cfg)
-    out = measure.teacher_forward(cfg, s, [torch.float32, torch.bfloat16], s.teacher_trained)
+    out = measure.teacher_forward(cfg, s, [torch.float32, torch.bfloat16])
     assert s.teacher_trained and out["batch_size"] == 64 and out["test_images"] == 100
     assert out["float32_ms"] > 0 and out["bfloat16_ms"] > 0
     teacher = measure._networks(cfg, s, plain=False)[2]

@@ -211,8 +211,8 @@ def test_the_teachers_split_predictions_are_computed_once_for_runs_and_the_repor
     from kd.report.collect import collect
     from kd.report.evaluate import Evaluator, LatencySettings
     calls = []
-    original = evaluation.predict
-    monkeypatch.setattr(evaluation, "predict", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
+    original = evaluation.embedded_predictions
+    monkeypatch.setattr(evaluation, "embedded_predictions", lambda *a, **k: calls.append(len(a[2])) or original(*a, **k))
     common = [*_common(random_teacher_ckpts["resnet20"], tmp_path / "cache", "ce"), "kd_epochs=1"]
     first = _run(tmp_path, monkeypatch, "first", common)
     assert calls == [200, 30]  # the teacher on the test and the validation split, once

@@ -68,12 +68,13 @@ def run(argv: list[str]) -> dict:
     s = measure.setup(cfg)
     methods = list(cfg.bench.methods or options("method"))
     plan_bf16, why = bf16_plan(cfg.bench.bf16, s.device)
+    dtype = resolve_precision(cfg.trainer.precision, s.device)  # as train.py would run it (trainer.precision)
     out = {"command": "python -m kd.bench " + shlex.join(argv), "environment": environment(s.device),
            "settings": {"images": s.images, "val_images": len(s.splits.val_y), "batch_size": cfg.optim.batch_size,
                         "workers": cfg.bench.workers, "teacher": cfg.model.teacher.name, "teacher_weights": s.teacher_source,
                         "student": cfg.model.student.name, "data": cfg.data.name, "methods": methods,
                         "acceleration": dataclasses.asdict(s.prepared.acceleration),
-                        "precision": str(resolve_precision(cfg.trainer.precision, s.device)).removeprefix("torch.")},
+                        "precision": str(dtype).removeprefix("torch.")},
            "targets": OmegaConf.to_container(cfg.bench.targets)}
     say(f"input pipeline, {s.images} images")
     out["pipeline"] = measure.pipeline(cfg, s)
@@ -87,15 +88,13 @@ def run(argv: list[str]) -> dict:
         out["kd_epoch"]["bf16_skipped"] = why
     say("the teacher's forward alone: fp32" + (", bf16" if plan_bf16 else "")
         + (", and its test accuracy in each" if s.teacher_trained else ""))
-    out["teacher_forward"] = measure.teacher_forward(kd_cfg, s, [torch.float32] + ([torch.bfloat16] if plan_bf16 else []),
-                                                     s.teacher_trained)
+    out["teacher_forward"] = measure.teacher_forward(kd_cfg, s, [torch.float32] + ([torch.bfloat16] if plan_bf16 else []))
     say(f"per-step times of a vanilla-KD step: classic, harness eager, harness compiled ({cfg.bench.steps} steps)")
-    out["steps"] = measure.steps(kd_cfg, s, resolve_precision(cfg.trainer.precision, s.device))
+    out["steps"] = measure.steps(kd_cfg, s, dtype)
     if cfg.bench.runs:
         say("two whole train.py runs (kd, one epoch): cold caches, then warm")
         out["runs"] = measure.runs(argv, cfg, s)
     say(f"{len(methods)}-method sweep, one epoch each")
-    dtype = resolve_precision(cfg.trainer.precision, s.device)  # as train.py would run it (trainer.precision)
     out["sweep"] = measure.sweep(lambda m: compose_bench(argv, m), methods, s, dtype, say)
     out["environment"]["load_after"] = os.getloadavg()[0]
     out["ratios"] = report.ratios(out)

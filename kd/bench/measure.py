@@ -29,7 +29,7 @@ from kd.bench import steps as step_times
 from kd.checkpoints import load_weights
 from kd.data import DeviceLoader, Splits
 from kd.device import autocast, synchronize
-from kd.evaluation import logits_accuracy, predict_logits
+from kd.evaluation import accuracy
 from kd.io import tensors_sha256
 from kd.trainer import Trainer
 
@@ -174,7 +174,7 @@ def steps(cfg: DictConfig, s: Setup, dtype: torch.dtype) -> dict:
     return step_times.measure(cfg, make_trainer, make_classic, s.device, cfg.bench.steps, cfg.bench.step_warmup)
 
 
-def teacher_forward(cfg: DictConfig, s: Setup, dtypes: list[torch.dtype], trained: bool) -> dict:
+def teacher_forward(cfg: DictConfig, s: Setup, dtypes: list[torch.dtype]) -> dict:
     """The frozen teacher's forward alone, as a run computes it (its taps, memory format and folded BatchNorms,
     inference mode, autocast): milliseconds per training batch in each precision, the median of `bench.steps`
     after `bench.step_warmup`; for a trained teacher also its test accuracy in each precision, the check before
@@ -186,17 +186,15 @@ def teacher_forward(cfg: DictConfig, s: Setup, dtypes: list[torch.dtype], traine
     batch = next(iter(trainer.loader.epoch(0))).images
     out = {"batch_size": len(batch), "test_images": len(s.splits.test_y)}
     for dtype in dtypes:
-        name = str(dtype).removeprefix("torch.")
-        times = []
-        for i in range(cfg.bench.step_warmup + cfg.bench.steps):
+        def forward(_):
             with torch.inference_mode(), autocast(s.device, dtype):
-                _, seconds = timed(s.device, lambda: trainer.teacher(batch))
-            if i >= cfg.bench.step_warmup:
-                times.append(seconds)
-        out[f"{name}_ms"] = 1e3 * sorted(times)[len(times) // 2]
-    for dtype in dtypes if trained else []:
-        logits = predict_logits(trainer.teacher, s.splits.test_x, cfg.trainer.eval_batch_size, dtype)
-        out[f"{str(dtype).removeprefix('torch.')}_test_acc"] = logits_accuracy(logits, s.splits.test_y)
+                trainer.teacher(batch)
+        passes = range(cfg.bench.step_warmup + cfg.bench.steps)
+        out[f"{str(dtype).removeprefix('torch.')}_ms"] = 1e3 * step_times.median_time(forward, passes, s.device,
+                                                                                      cfg.bench.step_warmup)
+    for dtype in dtypes if s.teacher_trained else []:
+        out[f"{str(dtype).removeprefix('torch.')}_test_acc"] = accuracy(trainer.teacher, s.splits.test_x, s.splits.test_y,
+                                                                        cfg.trainer.eval_batch_size, dtype)
     return out
 
 

@@ -33,7 +33,7 @@ def bf16_peak(device: torch.device) -> tuple[float | None, str]:
     return None, f"{name}: not in kd/bench/steps.py BF16_PEAK"
 
 
-def _timed_steps(step, batches, device: torch.device, warmup: int) -> float:
+def median_time(step, batches, device: torch.device, warmup: int) -> float:
     """Median seconds per step over the batches after `warmup` untimed ones."""
     times = []
     for i, batch in enumerate(batches):
@@ -97,15 +97,14 @@ def measure(cfg: DictConfig, make_trainer, make_classic, device: torch.device, s
     eager = make_trainer(False)
     batches = _full_batches(eager, steps + warmup)
     out = {"batch_size": eager.loader.batch_size, "steps_timed": max(0, len(batches) - warmup)}
-    out["harness_eager_ms"] = 1e3 * _timed_steps(harness_step(eager), batches, device, warmup)
+    out["harness_eager_ms"] = 1e3 * median_time(harness_step(eager), batches, device, warmup)
     out["device_busy_fraction"] = device_busy_fraction(harness_step(eager), batches[-1], device)
     out["launch_overhead_fraction"] = 1 - out["device_busy_fraction"]
     out["flops_per_step"] = step_flops(eager, batches[0])
     compiled = make_trainer(True)
-    out["harness_compiled_ms"] = 1e3 * _timed_steps(harness_step(compiled), _full_batches(compiled, steps + warmup),
-                                                    device, warmup)
+    out["harness_compiled_ms"] = 1e3 * median_time(harness_step(compiled), batches, device, warmup)
     student, loss, teacher, optimizer = make_classic()
-    out["classic_ms"] = 1e3 * _timed_steps(
+    out["classic_ms"] = 1e3 * median_time(
         lambda item: classic.train_step(student, loss, teacher, optimizer, item[0]), batches, device, warmup)
     peak, source = bf16_peak(device)
     out["peak_flops"], out["peak_source"] = peak, source

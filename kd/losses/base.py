@@ -75,7 +75,8 @@ class DistillationLoss(nn.Module):
 
     @property
     def has_preparation(self) -> bool:
-        return type(self).prepare is not DistillationLoss.prepare
+        """A loss that defines `prepare`, unless it counts its preparation in `prepare_epochs` and that is 0."""
+        return type(self).prepare is not DistillationLoss.prepare and getattr(self, "prepare_epochs", None) != 0
 
     def scale_note(self) -> str | None:
         """How strongly the loss's weight acts for these feature shapes, printed at the start of a run."""
@@ -113,6 +114,29 @@ def loss_factory(loss_cfg: DictConfig) -> Callable[..., DistillationLoss]:
 def pooled(features: torch.Tensor) -> torch.Tensor:
     """Global average pooling of an NCHW feature map (identity for already-flat features)."""
     return features.flatten(2).mean(2) if features.dim() > 2 else features
+
+
+class _BatchStatisticsWherePossible:
+    """BatchNorm that normalises a training batch holding one value per channel (a batch of one vector, or of
+    one 1x1 map), which has no batch statistics, with its running statistics instead of failing."""
+
+    def forward(self, x):
+        if self.training and x.numel() == x.shape[1]:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+class BatchNorm1d(_BatchStatisticsWherePossible, nn.BatchNorm1d):
+    pass
+
+
+class BatchNorm2d(_BatchStatisticsWherePossible, nn.BatchNorm2d):
+    pass
+
+
+def pooled_to(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An NCHW feature map average-pooled to `size` (height, width), unless it has that size already."""
+    return features if tuple(features.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(features, size)
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

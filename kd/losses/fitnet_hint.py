@@ -57,10 +57,6 @@ class FitNetHint(DistillationLoss):
         ce = F.cross_entropy(student.logits, batch.labels)
         return LossParts(ce, self.beta * hint, {"ce": ce, "hint": hint})
 
-    @property
-    def has_preparation(self) -> bool:
-        return self.prepare_epochs > 0
-
     def prepare(self, preparation: Preparation) -> None:
         """Stage 1: the hint alone trains the regressor and the student parameters the guided layer depends on."""
         student, optimizer = preparation.student, None

@@ -14,11 +14,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kd.data import Batch
-from kd.losses.base import DistillationLoss, Preparation
+from kd.losses.base import DistillationLoss, Preparation, pooled_to
 from kd.taps import Outputs, TappedModel
 
 
@@ -48,8 +47,7 @@ def connector(student_channels: int, teacher_channels: int) -> nn.Module:
 def common_size(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both maps average-pooled to the smaller height and width of the two (the larger one pooled, as RepDistiller)."""
     size = (min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3]))
-    pool = lambda x: x if tuple(x.shape[2:]) == size else F.adaptive_avg_pool2d(x, size)  # noqa: E731
-    return pool(a), pool(b)
+    return pooled_to(a, size), pooled_to(b, size)
 
 
 def guided_parameters(student: TappedModel, images: torch.Tensor, features: list[str]) -> list[nn.Parameter]:

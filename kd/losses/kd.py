@@ -38,4 +38,3 @@ class VanillaKD(WeightedKD):
 
     def __init__(self, temperature: float, alpha: float, standardize: bool):
         super().__init__(temperature, 1 - alpha, alpha, standardize)
-        self.alpha = alpha

@@ -2,32 +2,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.losses.base import DistillationLoss, LossParts, Preparation, pooled, soft_kl
+from kd.losses.base import BatchNorm1d, DistillationLoss, LossParts, Preparation, pooled, soft_kl
 from kd.losses.schedule import ramp
-
-
-class BatchNorm1dAnyBatch(nn.BatchNorm1d):
-    """BatchNorm1d that normalises a training batch of one sample (which has no batch statistics) with its
-    running statistics instead of failing; larger batches are normalised as usual."""
-
-    def forward(self, x):
-        if self.training and len(x) == 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        return super().forward(x)
 
 
 def embedding_projector(student_dim: int, teacher_dim: int, dropout: float) -> nn.Module:
     """The authors' EmbTrans: BN -> Dropout -> Linear (bias starting at 0) to the teacher's width."""
     linear = nn.Linear(student_dim, teacher_dim)
     nn.init.zeros_(linear.bias)
-    return nn.Sequential(BatchNorm1dAnyBatch(student_dim), nn.Dropout(dropout), linear)
+    return nn.Sequential(BatchNorm1d(student_dim), nn.Dropout(dropout), linear)
 
 
 def class_sums(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-class sum of the embeddings, per-class count), in float64."""
     sums = embeddings.new_zeros(num_classes, embeddings.shape[1], dtype=torch.float64)
     sums.index_add_(0, labels, embeddings.double())
-    return sums, torch.bincount(labels, minlength=num_classes).double()
+    counts = sums.new_zeros(num_classes).index_add_(0, labels, sums.new_ones(len(labels)))  # no host sync
+    return sums, counts
 
 
 class KDPlusPlus(DistillationLoss):
@@ -68,11 +59,9 @@ class KDPlusPlus(DistillationLoss):
         """The unit class-mean direction of each sample's label."""
         centres = self.class_means[labels]
         unmeasured = centres.abs().sum(1) == 0
-        if unmeasured.any():
-            sums, counts = class_sums(teacher_embeddings, labels, self.num_classes)
-            batch_means = (sums / counts.clamp(min=1)[:, None]).to(centres.dtype)
-            centres = torch.where(unmeasured[:, None], batch_means[labels], centres)
-        return F.normalize(centres, dim=1)
+        sums, counts = class_sums(teacher_embeddings, labels, self.num_classes)  # always: no host sync to skip it
+        batch_means = (sums / counts.clamp(min=1)[:, None]).to(centres.dtype)
+        return F.normalize(torch.where(unmeasured[:, None], batch_means[labels], centres), dim=1)
 
     def forward(self, student, teacher, batch):
         f_s = self.projector(pooled(student.features[self.feature]))

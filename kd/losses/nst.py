@@ -1,14 +1,12 @@
 import torch
 import torch.nn.functional as F
 
-from kd.losses.base import DistillationLoss, LossParts
+from kd.losses.base import DistillationLoss, LossParts, pooled_to
 
 
 def channel_maps(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(b, C, H*W): each channel's spatial map, average-pooled to `size` if larger, as a unit vector."""
-    if tuple(features.shape[-2:]) != size:
-        features = F.adaptive_avg_pool2d(features, size)
-    return F.normalize(features.flatten(2), dim=2)
+    return F.normalize(pooled_to(features, size).flatten(2), dim=2)
 
 
 def poly_kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

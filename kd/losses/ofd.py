@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.losses.base import DistillationLoss, LossParts
+from kd.losses.base import DistillationLoss, LossParts, pooled_to
 from kd.taps import INPUT, module_path
 
 
@@ -54,10 +54,6 @@ def common_size(name: str, student: tuple[int, ...], teacher: tuple[int, ...]) -
                              f"{teacher[1]}x{teacher[2]} in the teacher; the larger map is average-pooled to the "
                              f"smaller, so one size must divide the other. Pair other stages (e.g. stage-k names).")
     return size
-
-
-def pooled_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return x if tuple(x.shape[-2:]) == size else F.adaptive_avg_pool2d(x, size)
 
 
 class OFD(DistillationLoss):

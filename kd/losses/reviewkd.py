@@ -2,18 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.losses.base import DistillationLoss, LossParts
+from kd.losses.base import BatchNorm2d, DistillationLoss, LossParts
 from kd.losses.schedule import ramp
-
-
-class _BatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d that uses its running statistics for a training batch with one value per channel (a batch of
-    one 1x1 map, the pooled level with a last batch of one image), where torch's would raise."""
-
-    def forward(self, x):
-        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        return super().forward(x)
 
 
 class ABF(nn.Module):
@@ -23,9 +13,9 @@ class ABF(nn.Module):
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
         super().__init__()
-        self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), _BatchNorm(mid_channels))
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), BatchNorm2d(mid_channels))
         self.output = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False),
-                                    _BatchNorm(out_channels))
+                                    BatchNorm2d(out_channels))
         self.attention = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
         nn.init.kaiming_uniform_(self.reduce[0].weight, a=1)
         nn.init.kaiming_uniform_(self.output[0].weight, a=1)

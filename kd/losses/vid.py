@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.losses.base import DistillationLoss, LossParts
+from kd.losses.base import DistillationLoss, LossParts, pooled_to
 
 
 def regressor(in_channels: int, mid_channels: int, out_channels: int) -> nn.Module:
@@ -12,10 +12,6 @@ def regressor(in_channels: int, mid_channels: int, out_channels: int) -> nn.Modu
     return nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.ReLU(),
                          nn.Conv2d(mid_channels, mid_channels, 1, bias=False), nn.ReLU(),
                          nn.Conv2d(mid_channels, out_channels, 1, bias=False))
-
-
-def pooled_to(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return features if tuple(features.shape[-2:]) == size else F.adaptive_avg_pool2d(features, size)
 
 
 class VariationalInformationDistillation(DistillationLoss):

@@ -19,12 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from kd.checkpoints import load_weights
 from kd.data import build_splits
 from kd.device import resolve_precision
-from kd.evaluation import EMBED, Predictions, kept_predictions, predict, teacher_predictions
+from kd.evaluation import Predictions, embedded_predictions, kept_predictions, teacher_predictions
 from kd.io import file_sha256, tensors_sha256
 from kd.report.collect import Job
 from kd.report.complexity import complexity
 from kd.run_folder import STUDENT, TEST_PREDICTIONS
-from kd.taps import tapped
 
 @dataclass
 class LatencySettings:
@@ -81,17 +80,19 @@ class Evaluator:
                 arrays = instantiate(data.source, _partial_=True)()
             splits = build_splits(arrays, data.val_fraction, data.split_seed, data.num_classes, None, self.device)
             self._splits[key] = (splits.test_x, splits.test_y)
+            self._split_sha256[key] = tensors_sha256(splits.test_x, splits.test_y)
         return self._splits[key]
+
+    def test_split_sha256(self, job: Job) -> str:
+        self.test_split(job)
+        return self._split_sha256[_key(job.cfg.data.source)]
 
     def _predict(self, job: Job, model_cfg: DictConfig, weights: Path) -> Predictions:
         model = instantiate(model_cfg.arch)
         load_weights(model, weights)
-        net = tapped(model_cfg, model.to(self.device), [EMBED])
-        dtype = resolve_precision(job.cfg.trainer.precision, self.device)
-        try:
-            return predict(net, self.test_split(job)[0], job.cfg.trainer.eval_batch_size, dtype)
-        finally:
-            net.close()
+        return embedded_predictions(model_cfg, model.to(self.device), self.test_split(job)[0],
+                                    job.cfg.trainer.eval_batch_size,
+                                    resolve_precision(job.cfg.trainer.precision, self.device))
 
     def _teacher_predictions(self, job: Job, ckpt: Path) -> Predictions:
         """As the runs computed them: read from the teacher cache when a run (or an earlier report) kept them."""
@@ -99,9 +100,8 @@ class Evaluator:
         directory = job.launch_dir / str(cache.dir) if cache is not None and cache.enabled else None
         model = instantiate(job.cfg.model.teacher.arch)
         load_weights(model, ckpt)
-        images, labels = self.test_split(job)
-        return teacher_predictions(job.cfg.model.teacher, model.to(self.device), file_sha256(ckpt), images, labels,
-                                   job.cfg.trainer.eval_batch_size,
+        return teacher_predictions(job.cfg.model.teacher, model.to(self.device), file_sha256(ckpt),
+                                   self.test_split(job)[0], self.test_split_sha256(job), job.cfg.trainer.eval_batch_size,
                                    resolve_precision(job.cfg.trainer.precision, self.device), directory)
 
     def teacher(self, job: Job) -> Teacher:
@@ -119,11 +119,7 @@ class Evaluator:
 
     def student(self, job: Job) -> Predictions:
         """The run's own test-set predictions when it kept them for these weights and images, else evaluated."""
-        images, labels = self.test_split(job)
-        split = _key(job.cfg.data.source)
-        if split not in self._split_sha256:
-            self._split_sha256[split] = tensors_sha256(images, labels)
-        kept = kept_predictions(job.folder / STUDENT, self._split_sha256[split], job.folder / TEST_PREDICTIONS,
+        kept = kept_predictions(job.folder / STUDENT, self.test_split_sha256(job), job.folder / TEST_PREDICTIONS,
                                 self.device)
         return kept or self._predict(job, job.cfg.model.student, job.folder / STUDENT)
 

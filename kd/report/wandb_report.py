@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from kd.io import load_json, save_json
+from kd.io import flatten, load_json, save_json
 from kd.loggers import logged_keys
 from kd.report.collect import OK, Job, short
 from kd.report.plots import varying_params
@@ -35,13 +35,7 @@ class Published:
 
 
 def _flat_config(cfg) -> set[str]:
-    def walk(node, prefix=""):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                yield from walk(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}"
-    return set(walk(OmegaConf.to_container(cfg, resolve=True)))
+    return set(flatten(OmegaConf.to_container(cfg, resolve=True), "."))
 
 
 def available_keys(jobs: list[Job]) -> dict[str, set[str]]:

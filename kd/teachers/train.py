@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from kd import run
 from kd import teacher as teachers
 from kd.config_groups import CONF
+from kd.io import file_sha256
 
 log = logging.getLogger("kd")
 
@@ -19,8 +20,10 @@ log = logging.getLogger("kd")
 def main(cfg: DictConfig) -> float:
     prepared = run.prepare(cfg)
     splits = run.load_splits(cfg, prepared.device, cfg.data.train_subset)
-    teachers.load_or_train(cfg, splits, prepared.device, prepared.dtype)
-    measured = teachers.measure(cfg, splits, prepared.device, prepared.dtype)
+    model = teachers.load_or_train(cfg, splits, prepared.device, prepared.dtype)
+    accuracy = run.teacher_accuracy(cfg, model, file_sha256(teachers.checkpoint_path(cfg.model.teacher)), splits,
+                                    run.split_digests(splits), prepared.dtype)
+    measured = {"val_acc": accuracy["val"], "test_acc": accuracy["test"]}
     log.info("teacher %s on %s: %s", cfg.model.teacher.name, cfg.data.name, measured)
     return measured["test_acc"]
 
