@@ -297,10 +297,11 @@ class DeviceLoader:
 
     def epoch(self, epoch: int):
         n, device = len(self.labels), self.labels.device
-        generator = torch.Generator(device=device).manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=generator, device=device)
-        dx, dy = torch.randint(0, 2 * self.crops.pad + 1, (2, n), generator=generator, device=device)
-        flip = torch.rand(n, generator=generator, device=device) < 0.5
+        # drawn on the CPU, whatever the device: the same seed gives the same batches on a GPU as on a CPU
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=generator).to(device)
+        dx, dy = torch.randint(0, 2 * self.crops.pad + 1, (2, n), generator=generator).to(device)
+        flip = (torch.rand(n, generator=generator) < 0.5).to(device)
         for start in range(0, n, self.batch_size):
             batch = slice(start, start + self.batch_size)
             indices = order[batch]

@@ -9,6 +9,7 @@ what it returns (the input of a ReLU is a pre-activation; the input of the class
 """
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -55,6 +56,12 @@ def resolve(name: str, taps: Mapping[str, str], model_name: str) -> str:
     return taps[name]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's weights are (its first parameter or buffer; the CPU for a model with neither)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 class TappedModel(nn.Module):
     """Normalises [0, 1] images with the model's own mean/std, runs it, and captures the tapped features.
 
@@ -65,8 +72,9 @@ class TappedModel(nn.Module):
     def __init__(self, model: nn.Module, mean, std, taps: Mapping[str, str] | None = None):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        device = model_device(model)
+        self.register_buffer("mean", torch.tensor(mean, device=device).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, device=device).view(1, -1, 1, 1), persistent=False)
         self._captured: dict[str, torch.Tensor] = {}
         self._handles = []
         self.taps = dict(taps or {})

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from kd.batchnorm_folding import fold_batchnorm
 from kd.data import Batch, DeviceLoader, Progress, Splits
-from kd.device import Acceleration, autocast, synchronize
+from kd.device import Acceleration, autocast, full_precision, synchronize
 from kd.evaluation import accuracy
 from kd.io import save_torch
 from kd.losses.base import DistillationLoss, LossParts, Preparation
@@ -188,10 +188,20 @@ class Trainer:
         """The student's outputs (under the run's autocast) and the loss on them (always in fp32)."""
         with autocast(self.device, self.dtype):
             student = self.student(batch.images)
-        with torch.autocast(self.device.type, enabled=False):
+        with full_precision(self.device, self.dtype):
             return student, self.loss_fn(student.float(), teacher, batch)
 
     def _train_epoch(self, epoch: int) -> dict:
+        sums, terms, first_bad_step = self._epoch_sums(epoch)
+        self._check_finite(first_bad_step, epoch)
+        seen = sums.pop("seen")
+        record = {k: (v / seen).item() for k, v in sums.items() if k != "correct"}
+        return {**record, "train_acc": sums["correct"].item() / seen,
+                "terms": {k: (v / seen).item() for k, v in terms.items()}}
+
+    def _epoch_sums(self, epoch: int) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor]:
+        """The epoch's steps, with sample-weighted sums of the losses, terms and correct predictions kept on the
+        device (the host waits only for the finite-loss check every FINITE_CHECK_EVERY steps)."""
         self.student.train()
         self.loss_fn.train()
         zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
@@ -217,10 +227,7 @@ class Trainer:
                 terms_sum[name] = terms_sum.get(name, 0) + value.detach() * n
             if (batch.progress.step + 1) % FINITE_CHECK_EVERY == 0:
                 self._check_finite(first_bad_step, epoch)
-        self._check_finite(first_bad_step, epoch)
-        record = {k: (v / seen).item() for k, v in sums.items() if k != "correct"}
-        return {**record, "train_acc": sums["correct"].item() / seen,
-                "terms": {k: (v / seen).item() for k, v in terms_sum.items()}}
+        return {**sums, "seen": seen}, terms_sum, first_bad_step
 
     def _check_finite(self, first_bad_step: torch.Tensor, epoch: int) -> None:
         bad_step = int(first_bad_step)  # the one host synchronisation

@@ -43,8 +43,10 @@ def test_the_cpu_flags_are_read_from_this_machine():
 @pytest.mark.slow
 def test_a_bf16_run_learns_and_says_so(tmp_path, random_teacher_ckpts):
     run = tmp_path / "run"
-    proc = run_train([*TINY, "trainer.precision=bf16", "method=ce", "kd_epochs=2", "model@model.teacher=resnet20",
+    # 4 epochs: after 2, bf16 sits near 0.5 on CPUs with and without bf16 units (emulated on AVX2: 0.505, native
+    # AVX512-BF16: 0.495); after 4 both reach 0.995, so the check below holds with a wide margin on either
+    proc = run_train([*TINY, "trainer.precision=bf16", "method=ce", "kd_epochs=4", "model@model.teacher=resnet20",
                       f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}", f"hydra.run.dir={run}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
-    assert results["precision"] == "bfloat16" and results["test_acc"] > 0.5  # chance is 0.1
+    assert results["precision"] == "bfloat16" and results["test_acc"] > 0.7  # chance is 0.1

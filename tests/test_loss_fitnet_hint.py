@@ -122,7 +122,7 @@ def _prepared_run(prepare_epochs):
     if loss.has_preparation:
         loss.prepare(Preparation(student, batches, contextlib.nullcontext, messages.append))
     after = dict([*student.named_parameters(), *loss.named_parameters()])
-    changed = {name for name, p in after.items() if not torch.equal(p, before[name])}
+    changed = {name: (p - before[name]).abs().max().item() for name, p in after.items() if not torch.equal(p, before[name])}
     return loss, changed, messages
 
 
@@ -130,7 +130,10 @@ def test_the_optional_hint_stage_trains_only_the_guided_layers_and_the_regressor
     loss, changed, messages = _prepared_run(prepare_epochs=3)
     assert loss.has_preparation and len(messages) == 3 and messages[0].startswith("hint stage epoch 1/3: hint ")
     assert {name.split(".")[1] for name in changed if name.startswith("model.")} == {"stage1", "stage2"}
-    assert {f"regressor.{k}" for k in ("0.weight", "0.bias", "1.weight", "1.bias")} <= changed
+    assert {f"regressor.{k}" for k in ("0.weight", "1.weight", "1.bias")} <= set(changed)
+    # The regressor's conv bias is followed by a BatchNorm in training mode, which subtracts it again: its gradient
+    # is zero in exact arithmetic, so it moves at most by rounding (which differs between processors).
+    assert changed.get("regressor.0.bias", 0.0) < 1e-9 < changed["regressor.0.weight"]
     hints = [float(m.rsplit(" ", 1)[1]) for m in messages]
     assert hints[-1] < hints[0]
     assert all(p.grad is None for p in loss.parameters())

@@ -134,6 +134,13 @@ class BatchNorm2d(_BatchStatisticsWherePossible, nn.BatchNorm2d):
     pass
 
 
+def off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
+    """The off-diagonal entries of an n x n matrix, row by row, as n x (n - 1): by reshaping, not by a boolean
+    mask, whose result size the host would have to wait for."""
+    n = len(matrix)
+    return matrix.flatten()[1:].view(n - 1, n + 1)[:, :-1].reshape(n, n - 1)
+
+
 def pooled_to(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """An NCHW feature map average-pooled to `size` (height, width), unless it has that size already."""
     return features if tuple(features.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(features, size)

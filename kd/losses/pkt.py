@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from kd.losses.base import DistillationLoss, LossParts, pooled
+from kd.losses.base import DistillationLoss, LossParts, off_diagonal, pooled
 
 KERNELS = ("softmax", "cosine")
 EPS = 1e-7  # the cosine kernel's guard in the norms and the log ratio (the authors' nn/pkt.py, RepDistiller PKT.py)
@@ -10,8 +10,7 @@ EPS = 1e-7  # the cosine kernel's guard in the norms and the log ratio (the auth
 def neighbour_log_probs(x: torch.Tensor, temperature: float) -> torch.Tensor:
     """Row-wise log-softmax of cosine similarities / temperature, each sample's similarity to itself removed."""
     x = F.normalize(x, dim=1)
-    n = len(x)
-    similarity = (x @ x.t())[~torch.eye(n, dtype=torch.bool, device=x.device)].view(n, n - 1)
+    similarity = off_diagonal(x @ x.t())
     return F.log_softmax(similarity / temperature, dim=1)
 
 

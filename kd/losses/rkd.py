@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from kd.losses.base import DistillationLoss, LossParts, pooled
+from kd.losses.base import DistillationLoss, LossParts, off_diagonal, pooled
 
 
 def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
@@ -12,34 +12,37 @@ def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
 
 
 def distance_term(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Smooth L1 between distance matrices, each divided by the mean of its positive off-diagonal entries."""
-    off_diagonal = ~torch.eye(len(s), dtype=torch.bool, device=s.device)
-    if not off_diagonal.any():
+    """Smooth L1 between distance matrices, each divided by the mean of its positive off-diagonal entries
+    (every off-diagonal distance is positive: the clamp keeps it at least 1e-6)."""
+    if len(s) < 2:
         return s.sum() * 0.0
 
     def normalised(x):
-        d = pairwise_distances(x)[off_diagonal]
-        positive = d > 0
-        return d / (d[positive].mean() if positive.any() else 1.0)
-
+        d = off_diagonal(pairwise_distances(x))
+        return d / d.mean()
     return F.smooth_l1_loss(normalised(s), normalised(t))
 
 
-def triplet_cosines(x: torch.Tensor) -> torch.Tensor:
-    """cos of the angle at x_i in every triangle (x_j, x_i, x_k) with i, j, k distinct."""
+def triplet_cosines(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos of the angle at x_i in every triangle (x_j, x_i, x_k), as an n x n x n array [i, j, k], and the mask of
+    the entries with i, j, k distinct (a mask, not a selection: its size would make the host wait)."""
     n = len(x)
     edges = F.normalize(x[None, :, :] - x[:, None, :], dim=2)  # edges[i, j] = unit(x_j - x_i)
     cosines = edges @ edges.transpose(1, 2)  # [i, j, k]
     idx = torch.arange(n, device=x.device)
     distinct = (idx[:, None, None] != idx[None, :, None]) & (idx[:, None, None] != idx[None, None, :]) \
         & (idx[None, :, None] != idx[None, None, :])
-    return cosines[distinct]
+    return cosines, distinct
 
 
 def angle_term(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    if len(s) < 3:
+    """Smooth L1 between the triplet cosines, averaged over the n(n-1)(n-2) triplets of distinct samples."""
+    n = len(s)
+    if n < 3:
         return s.sum() * 0.0
-    return F.smooth_l1_loss(triplet_cosines(s), triplet_cosines(t))
+    (cos_s, distinct), (cos_t, _) = triplet_cosines(s), triplet_cosines(t)
+    per_triplet = F.smooth_l1_loss(cos_s, cos_t, reduction="none")
+    return torch.where(distinct, per_triplet, 0.0).sum() / (n * (n - 1) * (n - 2))
 
 
 class RKD(DistillationLoss):
