@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from kd.validation import ConfigError
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # and "auto"
 
 
 @dataclass(frozen=True)
@@ -58,22 +58,44 @@ def _cpu_flags() -> set[str]:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
+BF16_COMPUTE_CAPABILITY = (8, 0)  # Ampere and later have bf16 tensor cores; older GPUs (V100, T4) emulate bf16
+
+
 def native_bf16(device: torch.device) -> bool:
-    """Whether the device computes bf16 in hardware: a CUDA device that supports it, or a CPU with AMX-BF16 or
-    AVX512-BF16. (oneDNN also runs bf16 on other AVX512 CPUs, emulated and slower than fp32.)"""
+    """Whether the device computes bf16 in hardware: a CUDA device of compute capability 8.0 or more, or a CPU
+    with AMX-BF16 or AVX512-BF16. (Older GPUs and other AVX512 CPUs run bf16 emulated, slower than fp32.)"""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= BF16_COMPUTE_CAPABILITY
     return any(flag in _cpu_flags() for flag in NATIVE_BF16_CPU_FLAGS)
 
 
+def _device_words(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    return "this CPU (" + (", ".join(sorted(set(NATIVE_BF16_CPU_FLAGS) & _cpu_flags())) or "no AMX-BF16 or AVX512-BF16") + ")"
+
+
+def choose_precision(precision: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The autocast dtype for `trainer.precision` on this device, and why, in words for the run's first lines.
+
+    auto: bf16 where the device computes it natively (CUDA compute capability >= 8.0; CPUs with AMX-BF16 or
+    AVX512-BF16); fp16 with a gradient scaler on older GPUs, whose tensor cores compute fp16 but not bf16;
+    fp32 on other CPUs, where both half formats are emulated and slower than fp32."""
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r} is not one of auto, {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return PRECISIONS[precision], f"trainer.precision={precision}"
+    where = _device_words(device)
+    if native_bf16(device):
+        return torch.bfloat16, f"trainer.precision=auto: {where} computes bf16 natively"
+    if device.type == "cuda":
+        return torch.float16, f"trainer.precision=auto: {where} has no bf16 units; fp16 with a gradient scaler"
+    return torch.float32, f"trainer.precision=auto: {where} would emulate bf16, slower than fp32"
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 autocast where the device computes bf16 natively (CUDA; CPUs with AMX-BF16 or AVX512-BF16),
-    fp32 elsewhere."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return choose_precision(precision, device)[0]
 
 
 def numerics(device: torch.device, dtype: torch.dtype) -> dict:

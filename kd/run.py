@@ -12,13 +12,13 @@ from typing import Callable
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate, to_absolute_path
+from hydra.utils import get_class, instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from kd import teacher as teachers
 from kd import teacher_cache
 from kd.data import Splits, build_splits
-from kd.device import Acceleration, resolve_device, resolve_precision
+from kd.device import Acceleration, choose_precision, resolve_device
 from kd.evaluation import accuracy, embedded_predictions, keep_predictions, logits_accuracy, teacher_predictions
 from kd.io import file_sha256, load_json, save_json, save_torch, tensors_sha256
 from kd.losses.base import DistillationLoss, loss_factory
@@ -39,13 +39,17 @@ class Prepared:
     dtype: torch.dtype
     acceleration: Acceleration
     loss_factory: Callable[..., DistillationLoss]
+    precision_reason: str = ""
 
 
 def prepare(cfg: DictConfig) -> Prepared:
     """Every check that needs no data and no teacher: bad input fails here, before any decoding or training."""
     validate(cfg)
     device = resolve_device(cfg.device)
-    dtype = resolve_precision(cfg.trainer.precision, device)
+    dtype, precision_reason = choose_precision(cfg.trainer.precision, device)
+    if dtype == torch.float16 and hasattr(get_class(cfg.optim.optimizer._target_), "step_parts"):
+        raise ConfigError(f"optim={cfg.optim.name} treats the task and distillation gradients apart, which the fp16 "
+                          f"gradient scaler does not ({precision_reason}); use trainer.precision=fp32")
     acceleration = Acceleration.from_config(cfg.trainer)
     teacher_cache.check_settings(cfg.teacher_cache)
     try:
@@ -55,7 +59,7 @@ def prepare(cfg: DictConfig) -> Prepared:
                 resolve(name, cfg.model[role].taps, cfg.model[role].name)
     except ValueError as err:
         raise ConfigError(f"method={cfg.method.name}: {err}") from None
-    return Prepared(device, dtype, acceleration, factory)
+    return Prepared(device, dtype, acceleration, factory, precision_reason)
 
 
 def load_splits(cfg: DictConfig, device: torch.device, train_subset: int | None) -> Splits:
@@ -149,9 +153,10 @@ def finished_results(run_dir: Path) -> dict | None:
 def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     prepared = prepare(cfg)
     device, dtype = prepared.device, prepared.dtype
+    log.info("precision %s: %s", str(dtype).removeprefix("torch."), prepared.precision_reason)
     splits = load_splits(cfg, device, cfg.data.train_subset)
-    log.info("data %s: %d train, %d val, %d test images on %s, %s", cfg.data.name, len(splits.train_y),
-             len(splits.val_y), len(splits.test_y), device, str(dtype).removeprefix("torch."))
+    log.info("data %s: %d train, %d val, %d test images on %s", cfg.data.name, len(splits.train_y),
+             len(splits.val_y), len(splits.test_y), device)
 
     teacher_model = teachers.load_or_train(cfg, splits, device, dtype)
     student, teacher, loss_fn = build_networks(cfg, prepared, teacher_model, splits.train_y)

@@ -98,6 +98,8 @@ class Trainer:
         self.loader = DeviceLoader(splits.train_x, splits.train_y, optim.batch_size, seed)
         params = [p for p in [*student.parameters(), *loss_fn.parameters()] if p.requires_grad]
         self.optimizer = instantiate(optim.optimizer)(params)
+        # fp16 (older GPUs) scales the loss so that small gradients do not underflow; disabled, it does nothing
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
         self.scheduler = instantiate(optim.scheduler)(self.optimizer)
         self.teacher_cache = teacher_cache
         if teacher is not None:
@@ -126,7 +128,8 @@ class Trainer:
         fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}  # asdict would deep-copy `best`
         save_torch({**fields, "key": self.state_key, "student": self.student.model.state_dict(),
                     "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "rng": _rng_state()}, self.state_path)
+                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": _rng_state()},
+                   self.state_path)
 
     def _load_state(self) -> _State:
         if self.state_path is None or not Path(self.state_path).exists():
@@ -146,6 +149,8 @@ class Trainer:
         self.loss_fn.load_state_dict(saved["loss"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
         _set_rng_state(saved["rng"])
         log.info("resuming from %s after epoch %d", self.state_path, saved["next_epoch"])
         return _State(**{f.name: saved[f.name] for f in dataclasses.fields(_State)})
@@ -181,8 +186,9 @@ class Trainer:
         if hasattr(self.optimizer, "step_parts"):  # an optimizer that treats the two gradients apart (DOT)
             self.optimizer.step_parts(parts.task, parts.distillation)
             return
-        parts.total.backward()
-        self.optimizer.step()
+        self.scaler.scale(parts.total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _forward(self, batch: Batch, teacher: Outputs | None) -> tuple[Outputs, LossParts]:
         """The student's outputs (under the run's autocast) and the loss on them (always in fp32)."""
