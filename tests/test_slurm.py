@@ -64,6 +64,21 @@ def test_sweep_of_three_methods_as_a_job_array(tmp_path, random_teacher_ckpts):
     assert len(list((sweep / ".submitit").iterdir())) >= 1  # submitted through Slurm, not run in-process
 
 
+def test_runs_per_task_groups_the_sweep_into_fewer_array_tasks(tmp_path, random_teacher_ckpts):
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", "method=ce,kd,rkd", *TINY, "kd_epochs=1", *_teacher(random_teacher_ckpts), *SLURM,
+                      "hydra.launcher.runs_per_task=2", "hydra.launcher.mem_gb=3", f"hydra.sweep.dir={sweep}"],
+                     cwd=tmp_path, OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = {json.loads(p.read_text())["method"]: p.parent for p in sweep.glob("*/results.json")}
+    assert sorted(results) == ["ce", "kd", "rkd"]
+    (array,) = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()}
+    tasks = {p.name for p in (sweep / ".submitit").iterdir() if p.name.startswith(array + "_")}
+    assert tasks == {f"{array}_0", f"{array}_1"}  # runs 0 and 1 in the first task, run 2 in the second
+    pids = {json.loads((folder / "status.json").read_text())["pid"] for folder in results.values()}
+    assert len(pids) == 3
+
+
 def test_a_search_runs_its_trials_as_slurm_jobs(tmp_path, random_teacher_ckpts):
     pytest.importorskip("optuna", reason="the search needs the tune extra: pip install -e '.[tune]'")
     from test_search import check_trials_are_run_folders, search_args

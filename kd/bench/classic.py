@@ -43,7 +43,8 @@ def train_epoch(student: TappedModel, loss_fn, teacher: TappedModel | None, opti
     loss_fn.train()
     running_loss, correct, seen = 0.0, 0, 0
     for step, (images, labels, indices) in enumerate(batches):
-        batch = Batch(images.to(device), labels.to(device), indices.to(device), Progress(0, step, len(batches), 1))
+        done = torch.tensor((step + 1) / len(batches), device=device)  # on the device, as the harness gives it
+        batch = Batch(images.to(device), labels.to(device), indices.to(device), Progress(0, step, len(batches), 1, done))
         loss, right = train_step(student, loss_fn, teacher, optimizer, batch)
         running_loss += loss * len(labels)
         correct += right
