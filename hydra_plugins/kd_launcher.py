@@ -92,6 +92,7 @@ class _Group:
         self.launcher, self.at_once = launcher, at_once
 
     def __call__(self, group: list[tuple]) -> list[JobReturn]:
+        self.launcher.task_environment()
         run = functools.partial(submitit_launcher.BaseSubmititLauncher.__call__, self.launcher)
         results = run_at_most(self.at_once, run, group)
         if any(r.status == JobStatus.FAILED for r in results):
@@ -123,14 +124,20 @@ class _KdLauncher:
                              "number >= 1 (the runs of the sweep that share one task and its GPU)")
         super().__init__(**params)
         self.runs_per_task = runs_per_task
+        self.launching_gpus: str | None = None
+
+    def task_environment(self) -> None:
+        """Set up the task's process before its runs start (in the task, before any run touches CUDA)."""
 
     def __call__(self, *args, **kwargs) -> JobReturn:
+        self.task_environment()
         result = super().__call__(*args, **kwargs)
         if result.status == JobStatus.FAILED:
             atexit.register(_exit_failed)
         return result
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        self.launching_gpus = os.environ.get("CUDA_VISIBLE_DEVICES")  # travels to the tasks with the launcher
         if self.runs_per_task == 1:
             return super().launch(job_overrides, initial_job_idx)
         with _submitting_groups(self.runs_per_task, self.grouped_by_task):
@@ -164,6 +171,16 @@ class SlurmLauncher(_KdLauncher, submitit_launcher.SlurmLauncher):
 
 class LocalLauncher(_KdLauncher, submitit_launcher.LocalLauncher):
     grouped_by_task = False
+
+    def task_environment(self) -> None:
+        """With gpus_per_node 0, the runs see the GPUs the launching shell saw: submitit's local executor would
+        set CUDA_VISIBLE_DEVICES to "" (no GPU), and `device=auto` would quietly train on the CPU."""
+        if self.params.get("gpus_per_node"):
+            return
+        if self.launching_gpus is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = self.launching_gpus
 
 
 @dataclass

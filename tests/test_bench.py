@@ -46,6 +46,21 @@ def test_tiny_benchmark_prints_its_table_and_command_and_writes_json(tmp_path, m
     assert [reuse[m]["teacher_epochs_reused"] for m in ("ce", "at", "kd")] == [0, 0, 1]
 
 
+def test_a_benchmark_cut_short_keeps_the_sections_measured_before(tmp_path, monkeypatch, capsys):
+    from kd.bench import measure
+    monkeypatch.chdir(tmp_path)
+
+    def cut(*args):
+        raise TimeoutError("the machine's time limit")
+    monkeypatch.setattr(measure, "teacher_forward", cut)  # the section after pipeline and kd_epoch
+    with pytest.raises(TimeoutError):
+        main([*TINY_BENCH, "bench.methods=[ce]", "bench.bf16=false"])
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert {"pipeline", "kd_epoch"} <= set(report) and "teacher_forward" not in report
+    printed = capsys.readouterr().out
+    assert "pipeline: classic " in printed and "kd_epoch: classic " in printed
+
+
 def report_has_no_accuracy_for_random_weights(path):
     forward = json.loads(path.read_text())["teacher_forward"]
     return forward["float32_ms"] > 0 and not any(k.endswith("_test_acc") for k in forward)

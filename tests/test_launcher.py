@@ -58,6 +58,24 @@ def test_runs_per_task_must_be_a_whole_number_of_at_least_one(value, tmp_path):
         LocalLauncher(runs_per_task=value, submitit_folder=str(tmp_path))
 
 
+@pytest.mark.parametrize("launching", [None, "3", ""])
+def test_local_runs_see_the_gpus_of_the_launching_shell(launching, tmp_path, monkeypatch):
+    launcher = LocalLauncher(submitit_folder=str(tmp_path), gpus_per_node=0)
+    if launching is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", launching)
+    launcher.launching_gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what submitit's local executor gives a task of 0 GPUs
+    launcher.task_environment()
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == launching
+    numbered = LocalLauncher(submitit_folder=str(tmp_path), gpus_per_node=1)
+    numbered.launching_gpus = launching
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # submitit's choice for gpus_per_node=1 stays
+    numbered.task_environment()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+
+
 @pytest.mark.slow
 def test_a_local_sweep_runs_as_one_task_k_runs_at_a_time(tmp_path, random_teacher_ckpts):
     sweep = tmp_path / "sweep"

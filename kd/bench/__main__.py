@@ -5,6 +5,7 @@
     python -m kd.bench data=cifar10 bench.images=null   # the real data, whole training split
 
 Settings: conf/bench/default.yaml (bench.*); any key of the run's config can be overridden as for train.py.
+`python -m kd.bench gpu [overrides]` is the check for a GPU machine lent for minutes (kd/bench/gpu.py).
 """
 from __future__ import annotations
 
@@ -61,6 +62,27 @@ def environment(device: torch.device) -> dict:
             "load_before": os.getloadavg()[0]}
 
 
+# One line per section, printed the moment it is measured (kd/bench/gpu.py prints its steps and sweep lines too).
+SECTION_LINES = {
+    "pipeline": lambda r: f"classic {r['classic']['batches_per_sec']:.1f} batches/s, "
+                          f"harness {r['harness']['batches_per_sec']:.1f} batches/s",
+    "kd_epoch": lambda r: ", ".join(f"{k} {v['seconds']:.2f} s" if isinstance(v, dict) else f"{k}: {v}"
+                                    for k, v in r.items()),
+    "teacher_forward": lambda r: ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k.endswith(("_ms", "_acc"))),
+    "steps": lambda r: f"classic {r['classic_ms']:.2f} ms, harness eager {r['harness_eager_ms']:.2f} ms, "
+                       f"harness compiled {r['harness_compiled_ms']:.2f} ms",
+    "runs": lambda r: f"cold {r['cold']['wall_sec']:.1f} s, warm {r['warm']['wall_sec']:.1f} s, start to exit",
+    "sweep": lambda r: ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in r.items()),
+}
+
+
+def measured(out: dict, name: str, result: dict, path: Path) -> None:
+    """Keep a section the moment it is measured: a run cut by its time limit leaves every section done so far."""
+    out[name] = result
+    save_json(out, path)
+    print(f"{name}: {SECTION_LINES[name](result)}", flush=True)
+
+
 def run(argv: list[str]) -> dict:
     cfg = compose_bench(argv)
     if cfg.bench.threads is not None:
@@ -69,6 +91,7 @@ def run(argv: list[str]) -> dict:
     methods = list(cfg.bench.methods or options("method"))
     plan_bf16, why = bf16_plan(cfg.bench.bf16, s.device)
     dtype = resolve_precision(cfg.trainer.precision, s.device)  # as train.py would run it (trainer.precision)
+    path = Path(to_absolute_path(cfg.bench.out))
     out = {"command": "python -m kd.bench " + shlex.join(argv), "environment": environment(s.device),
            "settings": {"images": s.images, "val_images": len(s.splits.val_y), "batch_size": cfg.optim.batch_size,
                         "workers": cfg.bench.workers, "teacher": cfg.model.teacher.name, "teacher_weights": s.teacher_source,
@@ -77,34 +100,39 @@ def run(argv: list[str]) -> dict:
                         "precision": str(dtype).removeprefix("torch.")},
            "targets": OmegaConf.to_container(cfg.bench.targets)}
     say(f"input pipeline, {s.images} images")
-    out["pipeline"] = measure.pipeline(cfg, s)
+    measured(out, "pipeline", measure.pipeline(cfg, s), path)
     say("one vanilla-KD epoch: classic, harness fp32" + (", harness bf16" if plan_bf16 else ""))
     kd_cfg = compose_bench(argv, "kd")
-    out["kd_epoch"] = {"classic": measure.classic_epoch(kd_cfg, s),
-                       "harness_fp32": measure.harness_epoch(kd_cfg, s, torch.float32)}
+    kd_epoch = {"classic": measure.classic_epoch(kd_cfg, s),
+                "harness_fp32": measure.harness_epoch(kd_cfg, s, torch.float32)}
     if plan_bf16:
-        out["kd_epoch"]["harness_bf16"] = measure.harness_epoch(kd_cfg, s, torch.bfloat16)
+        kd_epoch["harness_bf16"] = measure.harness_epoch(kd_cfg, s, torch.bfloat16)
     else:
-        out["kd_epoch"]["bf16_skipped"] = why
+        kd_epoch["bf16_skipped"] = why
+    measured(out, "kd_epoch", kd_epoch, path)
     say("the teacher's forward alone: fp32" + (", bf16" if plan_bf16 else "")
         + (", and its test accuracy in each" if s.teacher_trained else ""))
-    out["teacher_forward"] = measure.teacher_forward(kd_cfg, s, [torch.float32] + ([torch.bfloat16] if plan_bf16 else []))
+    measured(out, "teacher_forward",
+             measure.teacher_forward(kd_cfg, s, [torch.float32] + ([torch.bfloat16] if plan_bf16 else [])), path)
     say(f"per-step times of a vanilla-KD step: classic, harness eager, harness compiled ({cfg.bench.steps} steps)")
-    out["steps"] = measure.steps(kd_cfg, s, dtype)
+    measured(out, "steps", measure.steps(kd_cfg, s, dtype), path)
     if cfg.bench.runs:
         say("two whole train.py runs (kd, one epoch): cold caches, then warm")
-        out["runs"] = measure.runs(argv, cfg, s)
+        measured(out, "runs", measure.runs(argv, cfg, s), path)
     say(f"{len(methods)}-method sweep, one epoch each")
-    out["sweep"] = measure.sweep(lambda m: compose_bench(argv, m), methods, s, dtype, say)
+    measured(out, "sweep", measure.sweep(lambda m: compose_bench(argv, m), methods, s, dtype, say), path)
     out["environment"]["load_after"] = os.getloadavg()[0]
     out["ratios"] = report.ratios(out)
-    out["json"] = to_absolute_path(cfg.bench.out)
-    save_json(out, Path(out["json"]))
+    out["json"] = str(path)
+    save_json(out, path)
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | list[dict]:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gpu"]:
+        from kd.bench import gpu  # it imports this module
+        return gpu.main(argv[1:])
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__ + "\n" + (CONF / "bench" / "default.yaml").read_text())
         return {}
