@@ -19,7 +19,9 @@ def extract_state_dict(obj) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
+def load_weights(model: nn.Module, path: str | Path, assign: bool = False) -> None:
+    """The checkpoint's weights into `model` (`assign`: the checkpoint's tensors replace the model's, as a model
+    made on the meta device needs)."""
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -40,4 +42,4 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise CheckpointMismatch(
             f"checkpoint {path} does not match {type(model).__name__}: missing keys: {brief(missing)}; "
             f"unexpected keys: {brief(unexpected)}; shape mismatches: {brief(wrong_shape)}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from hydra.utils import to_absolute_path
 
-from kd.io import exclusive, save_torch, tensors_sha256
+from kd.io import CorruptFile, cache_unwritable, exclusive, load_checked, save_checked, set_aside, tensors_sha256
 
 log = logging.getLogger(__name__)
 
@@ -104,24 +104,31 @@ def _decoded_once(root: Path, classes: list[str], cache_dir: Path, decode) -> Ar
 
     def load() -> Arrays | None:
         try:
-            arrays = torch.load(path, weights_only=True)
+            arrays = load_checked(path)
         except FileNotFoundError:
             return None
+        except CorruptFile as err:  # a changed byte, a damaged disk, a file from before checksums
+            set_aside(err, f"decoding {root} again")
+            return None
         except Exception as err:  # unreadable: decode again and replace it
-            log.warning("decoded-image cache %s is unreadable (%s); decoding %s again", path, err, root)
+            set_aside(CorruptFile(path, f"unreadable ({err})"), f"decoding {root} again")
             return None
         log.info("decoded images of %s read from %s", root, path)
         return tuple(arrays)
 
     arrays = load()
-    if arrays is None:
+    if arrays is not None:
+        return arrays
+    try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with exclusive(path.with_suffix(".lock"), f"another job is decoding {root} into {path}; waiting for it"):
             arrays = load()
             if arrays is None:
                 arrays = decode()
-                save_torch(list(arrays), path)
-    return arrays
+                save_checked(list(arrays), path)
+    except OSError as err:  # the cache is an optimisation: no space or a read-only folder costs no decoded image
+        cache_unwritable("decoded-image cache", path, err)
+    return arrays if arrays is not None else decode()
 
 
 def _visible(folder: Path) -> list[Path]:

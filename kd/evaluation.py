@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd.data import eval_batches
 from kd.device import autocast, numerics
-from kd.io import file_sha256, save_json, save_torch
+from kd.io import CorruptFile, cache_unwritable, file_sha256, load_checked, save_checked, save_json, set_aside
 from kd.taps import TappedModel, tapped
 
 EMBED = "embed"
@@ -78,14 +78,20 @@ def teacher_predictions(model_cfg: DictConfig, model: torch.nn.Module, weights_s
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(directory) / "predictions" / f"{digest}.pt"
     try:
-        return Predictions(**torch.load(path, map_location=images.device, weights_only=True))
+        return Predictions(**load_checked(path, map_location=images.device))
     except FileNotFoundError:
         pass
-    except Exception:  # unreadable: computed again below and replaced
-        path.unlink(missing_ok=True)
+    except CorruptFile as err:
+        set_aside(err, "computing the teacher's predictions again")
+    except Exception as err:  # unreadable: computed again below and replaced
+        set_aside(CorruptFile(path, f"unreadable ({err})"), "computing the teacher's predictions again")
     predictions = compute()
-    save_torch({"logits": predictions.logits.cpu(), "embed": predictions.embed.cpu()}, path)  # racing jobs: same bits
-    save_json(key, path.with_suffix(".json"))
+    try:
+        # racing jobs write the same bits
+        save_checked({"logits": predictions.logits.cpu(), "embed": predictions.embed.cpu()}, path)
+        save_json(key, path.with_suffix(".json"))
+    except OSError as err:
+        cache_unwritable("teacher cache (split predictions)", path, err)
     return predictions
 
 
@@ -96,17 +102,23 @@ def _kept_key(weights: Path, images_sha256: str) -> dict:
 def keep_predictions(predictions: Predictions, weights: Path, images_sha256: str, path: Path) -> None:
     """A run's own test-set predictions, saved beside its weights so that the report reads them instead of
     evaluating every student again; they are valid for exactly these weights and these test images."""
-    save_torch({"logits": predictions.logits.cpu(), "embed": predictions.embed.cpu(),
-                "key": _kept_key(weights, images_sha256)}, path)
+    save_checked({"logits": predictions.logits.cpu(), "embed": predictions.embed.cpu(),
+                  "key": _kept_key(weights, images_sha256)}, path)
 
 
 def kept_predictions(weights: Path, images_sha256: str, path: Path, device: torch.device) -> Predictions | None:
     """What `keep_predictions` saved, or None when there is none, it is unreadable, or the weights or the test
     images are not the ones it was made from."""
     try:
-        kept = torch.load(path, map_location=device, weights_only=True)
-        if kept["key"] != _kept_key(weights, images_sha256):
-            return None
-        return Predictions(kept["logits"], kept["embed"])
-    except Exception:  # missing or unreadable: the caller evaluates the weights itself
+        kept = load_checked(path, map_location=device)
+    except FileNotFoundError:
         return None
+    except CorruptFile as err:
+        set_aside(err, "evaluating the student's weights instead")
+        return None
+    except Exception as err:  # unreadable: the caller evaluates the weights itself
+        set_aside(CorruptFile(path, f"unreadable ({err})"), "evaluating the student's weights instead")
+        return None
+    if kept["key"] != _kept_key(weights, images_sha256):
+        return None
+    return Predictions(kept["logits"], kept["embed"])

@@ -5,6 +5,7 @@ Files get the permissions any new file would get under the process's umask (a te
 """
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -35,13 +36,115 @@ def _atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # no space, read-only, quota: said with the file it was writing
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _torch_bytes(obj: Any) -> memoryview:
+    """What torch.save writes, in memory: a full disk then fails in a plain write, with its errno, not deep
+    inside torch's zip writer ("unexpected pos ...")."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
+
+
 def save_torch(obj: Any, path: Path) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    payload = _torch_bytes(obj)
+    _atomic_write(path, lambda f: f.write(payload))
+
+
+_UNWRITABLE_SAID: set[str] = set()
+
+
+def cache_unwritable(kind: str, path: Path, err: OSError) -> None:
+    """An optional cache that cannot be written (no space, read-only, permissions, quota) costs no run: say it
+    once per process and kind, and go on without writing."""
+    if kind not in _UNWRITABLE_SAID:
+        _UNWRITABLE_SAID.add(kind)
+        log.warning("%s: cannot write %s (%s); going on without writing it", kind, path, err)
+
+
+CHECKSUM_HEADER = b"kd-sha256 "  # a checked file: this, the sha256 of the rest in hex, a newline, then the rest:
+                                 # what torch.save wrote
+
+
+class CorruptFile(ValueError):
+    """A kept file whose content does not match the checksum written with it (or that has none)."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = Path(path), why
+
+
+class Unchecked(CorruptFile):
+    """A file with no checksum header: written before checksums, or not by this harness."""
+
+
+def save_checked(obj: Any, path: Path) -> None:
+    """torch.save with the sha256 of what it wrote, in one atomic file, for `load_checked` to verify."""
+    payload = _torch_bytes(obj)
+    header = CHECKSUM_HEADER + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+    _atomic_write(path, lambda f: (f.write(header), f.write(payload)))
+
+
+def load_checked(path: Path, map_location=None, weights_only: bool = True) -> Any:
+    """What `save_checked` wrote, after checking its sha256; CorruptFile if the content changed or has no checksum
+    (a file from before checksums, or not from this harness)."""
+    data = memoryview(Path(path).read_bytes())
+    end = bytes(data[:100]).find(b"\n")
+    header = bytes(data[:end])
+    if end < 0 or not header.startswith(CHECKSUM_HEADER):
+        raise Unchecked(path, "it has no checksum (written before checksums, or not by this harness)")
+    expected, payload = header[len(CHECKSUM_HEADER):].decode(errors="replace"), data[end + 1:]
+    actual = hashlib.sha256(payload).hexdigest()
+    if actual != expected:
+        raise CorruptFile(path, f"its content's sha256 is {actual[:16]}..., not the {expected[:16]}... written with it")
+    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=weights_only)
+
+
+def set_aside(error: CorruptFile, then: str) -> Path:
+    """Move a corrupt file to `<name>.corrupt` (kept for inspection, never read again) and say so in one line."""
+    aside = error.path.with_name(error.path.name + ".corrupt")
+    try:
+        os.replace(error.path, aside)
+        moved = f"moved it to {aside.name}"
+    except FileNotFoundError:  # another job moved it first
+        moved = "another job moved it aside"
+    except OSError as err:  # a read-only folder: leave it, it is never trusted anyway
+        moved = f"could not move it aside ({err.strerror})"
+    log.warning("%s: %s; %s and %s", error.path, error.why, moved, then)
+    return aside
+
+
+CONTENT_SHA256 = "content_sha256"  # the key of a checked JSON record's checksum
+
+
+def _json_sha256(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def save_json_checked(record: dict, path: Path) -> None:
+    """A JSON record with the sha256 of its content as one more key, for `load_json_checked` to verify."""
+    save_json({**record, CONTENT_SHA256: _json_sha256(record)}, path)
+
+
+def load_json_checked(path: Path) -> tuple[dict, bool]:
+    """A record `save_json_checked` wrote, checked: (record, True); one without the checksum key: (record, False);
+    CorruptFile if its content changed or it is not JSON."""
+    try:
+        record = load_json(path)
+    except ValueError as err:
+        raise CorruptFile(path, f"it is not JSON ({err})") from None
+    if not isinstance(record, dict) or CONTENT_SHA256 not in record:
+        return record, False
+    expected = record.pop(CONTENT_SHA256)
+    if _json_sha256(record) != expected:
+        raise CorruptFile(path, f"its content's sha256 is not the {str(expected)[:16]}... written with it")
+    return record, True
 
 
 def save_json(obj: Any, path: Path) -> None:

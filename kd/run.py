@@ -52,6 +52,7 @@ def prepare(cfg: DictConfig) -> Prepared:
                           f"gradient scaler does not ({precision_reason}); use trainer.precision=fp32")
     acceleration = Acceleration.from_config(cfg.trainer)
     teacher_cache.check_settings(cfg.teacher_cache)
+    teachers.check_checkpoint(cfg.model.teacher)
     try:
         factory = loss_factory(cfg.method.loss)
         for role in ("student", "teacher"):

@@ -10,6 +10,7 @@ resumes or skips only with the same one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -36,16 +37,32 @@ LOCK = ".run.lock"
 # Keys that do not decide a run's result: logging, presentation, the teacher-output cache (results are the
 # same with it on or off) and the progress bar. Everything else (data, models, method, optimiser, epochs,
 # seed, device, precision, trainer switches) does.
-NOT_DECISIVE = ("logger", "teacher_cache", "trainer.progress_bar", "method.display_name", "method.description",
-                "method.formula", "method.paper")
+NOT_DECISIVE = ("logger", "teacher_cache", "data.source.cache_dir", "trainer.progress_bar", "method.display_name",
+                "method.description", "method.formula", "method.paper")  # where a cache lives decides no result
 
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"
 
 
 def write_status(folder: Path, state: str, **details) -> None:
-    """Record the run's state, with who runs it and when; `details` adds e.g. `epochs_done` or `error`."""
-    save_json({"state": state, "host": platform.node(), "pid": os.getpid(),
-               "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details}, Path(folder) / STATUS)
+    """Record the run's state, with who runs it and when; `details` adds e.g. `epochs_done` or `error`.
+
+    On a full disk (no room for the new file that an atomic write needs) the old file is overwritten in place,
+    in the blocks it already has, so a run that failed for want of space still says so, and why."""
+    path = Path(folder) / STATUS
+    text = json.dumps({"state": state, "host": platform.node(), "pid": os.getpid(),
+                       "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details}, indent=2) + "\n"
+    try:
+        save_text(text, path)
+    except OSError:
+        try:
+            with open(path, "r+b") as f:
+                f.write(text.encode())
+                f.truncate()
+        except OSError:
+            pass
+        else:
+            return
+        raise
 
 
 def read_status(folder: Path) -> dict | None:
@@ -109,7 +126,12 @@ def owned(folder: Path, wait_s: float = 5.0):
 
 def decisive_config(cfg: DictConfig) -> dict:
     """The resolved config without the keys that do not decide the result."""
-    config = OmegaConf.to_container(cfg, resolve=True)
+    return decisive(OmegaConf.to_container(cfg, resolve=True))
+
+
+def decisive(config: dict) -> dict:
+    """A config without the NOT_DECISIVE keys (also one recorded when the list was shorter)."""
+    config = copy.deepcopy(config)
     for dotted in NOT_DECISIVE:
         *parents, key = dotted.split(".")
         node = config
@@ -157,12 +179,13 @@ def claim(folder: Path, config: dict, holds_a_run: bool, hydra_files: dict[str, 
         save_json(record, path)
         restore_hydra_files(folder)
         return record
-    if record["fingerprint"] != fingerprint(config) and not holds_a_run:  # nothing to protect: a new claim
+    same = fingerprint(decisive(record["config"])) == fingerprint(config)
+    if not same and not holds_a_run:  # nothing to protect: a new claim
         path.unlink()
         return claim(folder, config, holds_a_run, hydra_files)
     restore_hydra_files(folder)
-    if record["fingerprint"] != fingerprint(config):
-        changed = differences(record["config"], config)
+    if not same:
+        changed = differences(decisive(record["config"]), config)
         raise RunFolderMismatch(
             f"{folder} belongs to a run of another config; not resuming, skipping or overwriting it. Differing keys "
             f"(the folder's, then this launch's): {'; '.join(changed[:12])}"

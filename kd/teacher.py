@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from kd.checkpoints import load_weights
 from kd.data import DataError, Splits
-from kd.io import exclusive, load_json, save_json, save_torch
+from kd.io import CorruptFile, exclusive, load_json_checked, save_json_checked, save_torch, set_aside
 from kd.losses.ce import CrossEntropy
 from kd.evaluation import accuracy
 from kd.taps import tapped
@@ -38,13 +38,34 @@ def data_identity(cfg: DictConfig, splits: Splits) -> dict:
             "split_seed": cfg.data.split_seed, "num_classes": cfg.data.num_classes}
 
 
+RECORD_KEYS_BEFORE_CHECKSUMS = {"arch", "data", "epochs", "best_epoch", "val_acc", "test_acc", "history"}
+
+
+def training_record(path: Path) -> dict | None:
+    """What this harness recorded when it trained the teacher at `path` (its JSON sidecar), checked; None for a
+    checkpoint from elsewhere. A damaged record fails the run: what data the teacher saw cannot be recomputed."""
+    try:
+        record, checked = load_json_checked(sidecar(path))
+    except FileNotFoundError:
+        return None
+    except CorruptFile as err:
+        aside = set_aside(err, "stopping")
+        raise DataError(f"{err.path} is damaged ({err.why}): it is teacher {path}'s record of the data it was "
+                        f"trained on; it is kept as {aside.name}. Restore it, or retrain the teacher (delete {path}); "
+                        "run again without it and the teacher counts as a checkpoint from elsewhere, unchecked"
+                        ) from None
+    strangers = sorted(set(record) - RECORD_KEYS_BEFORE_CHECKSUMS)
+    if not checked and strangers:  # an older record has none of them: a damaged key name, or another file
+        raise DataError(f"{sidecar(path)} has no checksum and keys {strangers} "
+                        f"that no record of this harness has: it is not teacher {path}'s record, or it is damaged")
+    return record
+
+
 def check_trained_on(path: Path, identity: dict) -> None:
     """Refuse a teacher this harness trained on other data (a checkpoint from elsewhere has no record)."""
-    try:
-        recorded = load_json(sidecar(path)).get("data")
-    except FileNotFoundError:
-        return
-    if not isinstance(recorded, dict):  # a sidecar from before data identities were recorded
+    record = training_record(path)
+    recorded = record.get("data") if record else None
+    if not isinstance(recorded, dict):  # elsewhere, or a sidecar from before data identities were recorded
         return
     differing = [k for k in ("source_sha256", "val_fraction", "split_seed", "num_classes")
                  if recorded.get(k) != identity[k]]
@@ -55,6 +76,16 @@ def check_trained_on(path: Path, identity: dict) -> None:
         raise DataError(f"teacher {path} was trained on {describe(recorded)}; this run has {describe(identity)} "
                          f"(differing: {', '.join(differing)}). Its outputs would not fit this data: give a teacher "
                          "trained on it with model.teacher.ckpt=<path> (a missing file is trained there)")
+
+
+def check_checkpoint(teacher_cfg: DictConfig) -> None:
+    """A teacher checkpoint that exists must fit the teacher's architecture: checked before any data is decoded
+    (CheckpointMismatch names the keys and shapes that do not fit); a missing one is trained later."""
+    path = checkpoint_path(teacher_cfg)
+    if path.exists():
+        with torch.device("meta"):  # the architecture's shapes, without allocating or initialising weights
+            model = instantiate(teacher_cfg.arch)
+        load_weights(model, path, assign=True)
 
 
 def load_or_train(cfg: DictConfig, splits: Splits, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -87,8 +118,8 @@ def _train(cfg: DictConfig, model: torch.nn.Module, path: Path, splits: Splits, 
     net.close()
     save_torch({"state_dict": model.state_dict(), "best_epoch": result.best_epoch,
                 "val_acc": result.best_val_acc}, path)
-    save_json({"arch": cfg.model.teacher.name, "data": data_identity(cfg, splits), "epochs": recipe.epochs,
-               "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "test_acc": test_acc,
-               "history": result.history}, sidecar(path))
+    save_json_checked({"arch": cfg.model.teacher.name, "data": data_identity(cfg, splits), "epochs": recipe.epochs,
+                       "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "test_acc": test_acc,
+                       "history": result.history}, sidecar(path))
     path.with_name(path.name + ".training-state").unlink(missing_ok=True)
     log.info("teacher saved to %s (best epoch %d, val_acc %.4f)", path, result.best_epoch, result.best_val_acc)

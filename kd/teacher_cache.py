@@ -13,12 +13,15 @@ methods share entries. Features are keyed by tap spec (module path, `:input` wri
 name a method gives them: `feat` and `stage4` of ResNet-18 are one file.
 
 Concurrency: a file appears only by os.replace of a complete temporary file, so nobody reads a partial one.
+Integrity: each file carries the sha256 of its content (`kd.io.save_checked`), checked on every read; a file that
+fails the check is moved aside (`.corrupt`) and its epoch computed again.
 A job that misses takes the epoch's file lock before computing; another job missing the same epoch waits on
 the lock and then reads what the first wrote. Files beyond `max_gb` are deleted least recently used first
 (reads touch their mtime); a job that loses a file to eviction or finds one unreadable computes it again.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,7 +37,8 @@ from omegaconf import DictConfig
 
 from kd.data import Splits
 from kd.device import Acceleration, autocast, numerics
-from kd.io import exclusive, save_json, save_torch, tensors_sha256
+from kd.io import (CorruptFile, cache_unwritable, exclusive, load_checked, save_checked, save_json, set_aside,
+                   tensors_sha256)
 from kd.taps import Outputs, TappedModel, resolve
 from kd.validation import ConfigError
 
@@ -88,6 +92,7 @@ class TeacherCache:
         self.max_bytes = int(max_gb * 1e9)
         self.taps, self.batch_size, self.device = dict(taps), batch_size, device
         self.reused = self.computed = 0
+        self.writable = True  # until a write fails (no space, read-only, permissions): then only read
 
     def _paths(self, epoch: int) -> dict[str, Path]:
         stems = {LOGITS: LOGITS, **{name: f"tap-{spec.replace(':', '.')}" for name, spec in self.taps.items()}}
@@ -98,31 +103,50 @@ class TeacherCache:
         paths = self._paths(epoch)
         tensors = self._load(paths)
         if tensors is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            waiting = (f"another job is computing the teacher's outputs for epoch {epoch + 1} in {self.dir}; "
-                       "waiting for it")
-            with exclusive(self.dir / f"epoch-{epoch:04d}.lock", waiting):
-                tensors = self._load(paths)
-                if tensors is None:
-                    tensors = compute()
-                    self._store(paths, tensors)
-                    self.computed += 1
-                    log.info("teacher outputs for epoch %d computed into %s", epoch + 1, self.dir)
+            tensors = self._computed_once(epoch, paths, compute)
         return EpochOutputs(tensors, self.taps, self.batch_size, bool(self.key.get("channels_last")))
+
+    def _computed_once(self, epoch: int, paths: dict[str, Path], compute) -> dict[str, torch.Tensor]:
+        """Compute the epoch under its lock and store it; a cache that cannot be written costs nothing but the
+        reuse (said once): the outputs are computed and used as they are."""
+        tensors = None
+        if self.writable:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                waiting = (f"another job is computing the teacher's outputs for epoch {epoch + 1} in {self.dir}; "
+                           "waiting for it")
+                with exclusive(self.dir / f"epoch-{epoch:04d}.lock", waiting):
+                    tensors = self._load(paths)
+                    if tensors is None:
+                        tensors = self._compute(compute)
+                        self._store(paths, tensors)
+                        log.info("teacher outputs for epoch %d computed into %s", epoch + 1, self.dir)
+                return tensors
+            except OSError as err:
+                self.writable = False
+                cache_unwritable("teacher cache", self.dir, err)
+        return tensors if tensors is not None else self._compute(compute)
+
+    def _compute(self, compute) -> dict[str, torch.Tensor]:
+        self.computed += 1
+        return compute()
 
     def _load(self, paths: dict[str, Path]) -> dict[str, torch.Tensor] | None:
         tensors = {}
         for name, path in paths.items():
             try:
-                tensors[name] = torch.load(path, map_location=self.device, weights_only=True)
-                os.utime(path)  # the least recently used files go first when the cache is over its bound
+                tensors[name] = load_checked(path, map_location=self.device)
+                with contextlib.suppress(OSError):  # a read-only cache (a team's shared one) is read all the same
+                    os.utime(path)  # the least recently used files go first when the cache is over its bound
             except FileNotFoundError:
                 return None
             except PermissionError:  # another user's file: say so rather than delete it
                 raise
-            except Exception as err:  # unreadable (not written by os.replace, or a damaged disk): compute again
-                log.warning("teacher cache file %s is unreadable (%s); computing it again", path, err)
-                path.unlink(missing_ok=True)
+            except CorruptFile as err:  # a changed byte, a damaged disk, a file from before checksums
+                set_aside(err, "computing the epoch's teacher outputs again")
+                return None
+            except Exception as err:  # unreadable
+                set_aside(CorruptFile(path, f"unreadable ({err})"), "computing the epoch's teacher outputs again")
                 return None
         self.reused += 1
         return tensors
@@ -136,7 +160,7 @@ class TeacherCache:
             return
         save_json(self.key, self.dir / "key.json")
         for name, path in missing.items():
-            save_torch(tensors[name].contiguous(), path)
+            save_checked(tensors[name].contiguous(), path)
         self._evict(keep=set(paths.values()))
 
     def _evict(self, keep: set[Path]) -> None:

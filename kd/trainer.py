@@ -27,7 +27,7 @@ from kd.batchnorm_folding import fold_batchnorm
 from kd.data import Batch, DeviceLoader, Progress, Splits
 from kd.device import Acceleration, autocast, full_precision, synchronize
 from kd.evaluation import accuracy
-from kd.io import save_torch
+from kd.io import CorruptFile, Unchecked, load_checked, save_checked, set_aside
 from kd.losses.base import DistillationLoss, LossParts, Preparation
 from kd.taps import Outputs, TappedModel
 from kd.teacher_cache import EpochOutputs, TeacherCache, compute_epoch
@@ -126,22 +126,25 @@ class Trainer:
         if self.state_path is None:
             return
         fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}  # asdict would deep-copy `best`
-        save_torch({**fields, "key": self.state_key, "student": self.student.model.state_dict(),
-                    "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": _rng_state()},
-                   self.state_path)
+        save_checked({**fields, "key": self.state_key, "student": self.student.model.state_dict(),
+                      "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
+                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                      "rng": _rng_state()}, self.state_path)
 
     def _load_state(self) -> _State:
         if self.state_path is None or not Path(self.state_path).exists():
             return _State()
         try:
+            saved = load_checked(self.state_path, map_location=self.device, weights_only=False)
+        except Unchecked:  # a run in progress when checksums came: its state is read as it is, once
+            log.warning("training state %s has no checksum (written before checksums); resuming from it unverified",
+                        self.state_path)
             saved = torch.load(self.state_path, map_location=self.device, weights_only=False)
-        except Exception as err:  # a corrupt state: keep it for inspection, start over
-            corrupt = Path(self.state_path).with_suffix(".corrupt")
-            Path(self.state_path).rename(corrupt)
-            log.warning("could not read training state %s (%s); moved it to %s and starting over",
-                        self.state_path, err, corrupt)
-            return _State()
+        except Exception as err:  # a changed byte, a truncated file: never resumed from, and never silently
+            error = err if isinstance(err, CorruptFile) else CorruptFile(self.state_path, f"unreadable ({err})")
+            aside = set_aside(error, "stopping")
+            raise CorruptFile(self.state_path, f"{error.why}. It is kept as {aside.name}; to train this run from "
+                                               "scratch, run the same command again") from None
         if saved.get("key") != self.state_key:
             raise RuntimeError(f"training state {self.state_path} belongs to another run ({saved.get('key')!r}, "
                                f"this run is {self.state_key!r}); not resuming from it")

@@ -1,7 +1,9 @@
 """Checks of the composed config that must fail before any training, with the value and what is valid."""
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import math
+
+from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -34,3 +36,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.val_fraction={fraction!r} is invalid: it must lie strictly between 0 and 1")
     if cfg.data.train_subset is not None:
         _positive_int(cfg.data.train_subset, "data.train_subset")
+    _finite_numbers(OmegaConf.to_container(cfg.method.loss, resolve=True), "method.loss")
+
+
+def _finite_numbers(node, key: str) -> None:
+    """No NaN or infinity among a loss's arguments: it would only show as a non-finite loss after the data, teacher
+    and cache work, without naming the key."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            _finite_numbers(value, f"{key}.{name}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _finite_numbers(value, f"{key}[{index}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{key}={node!r} is invalid: it must be a finite number")

@@ -125,6 +125,8 @@ def test_bad_value_is_reported_plainly_before_training(tmp_path):
     ("device=cuda:3", ConfigError, "device='cuda:3' is not available here"),
     ("device=tpu", ConfigError, "device='tpu'"),
     ("trainer.precision=fp8", ConfigError, "trainer.precision='fp8' is not one of auto, fp32, bf16, fp16"),
+    ("method.loss.temperature=nan", ConfigError, "method.loss.temperature=nan is invalid: it must be a finite number"),
+    ("method.loss.alpha=-inf", ConfigError, "method.loss.alpha=-inf is invalid: it must be a finite number"),
     ("optim=dot trainer.precision=fp16", ConfigError, "optim=dot treats the task and distillation gradients apart"),
     ("data=imagefolder", DataError, "data=imagefolder needs data.root"),
     ("data=imagefolder data.root=/nonexistent/kd", DataError, "data.root='/nonexistent/kd' has no train/ or test/"),
@@ -142,3 +144,19 @@ def test_each_bad_input_fails_before_training(override, error, message, tmp_path
     with pytest.raises(error, match=message):
         train(cfg)
     assert not (tmp_path / "teacher.pt").exists() and not (tmp_path / "training-state.pt").exists()
+
+
+def test_a_teacher_checkpoint_of_another_architecture_is_refused_before_any_image_is_decoded(
+        tmp_path, monkeypatch, random_teacher_ckpts):
+    from kd import data
+    from kd.checkpoints import CheckpointMismatch
+    monkeypatch.setattr(data, "_decode", lambda file: pytest.fail(f"{file} decoded before the checkpoint was checked"))
+    images = tmp_path / "images"
+    for split in ("train", "test"):
+        (images / split / "a").mkdir(parents=True)
+        (images / split / "a" / "0.png").write_bytes(b"")
+    cfg = compose_config(["data=imagefolder", f"data.root={images}", "data.num_classes=1", "logger=none",
+                          "model@model.teacher=smallnet", f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointMismatch, match=r"does not match SmallNet: missing keys: .*unexpected keys: "):
+        train(cfg)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, run_train
+from kd.io import load_checked, save_checked
 from kd.models import ResNet18, SmallNet, resnet20
 from kd.report.collect import NoRuns, collect
 from kd.report.complexity import MIN_TIMED, complexity, latency_ms
@@ -428,8 +429,8 @@ def test_the_report_reads_each_runs_kept_test_predictions_and_only_for_its_weigh
     assert torch.allclose(kept.logits, fresh.logits, atol=1e-5) and torch.allclose(kept.embed, fresh.embed, atol=1e-5)
     assert kept.embed.shape == (100, 128)  # SmallNet's pooled vector, for every test image
 
-    saved = torch.load(run / "test-predictions.pt")
-    torch.save({**saved, "logits": saved["logits"].flip(1)}, run / "test-predictions.pt")
+    saved = load_checked(run / "test-predictions.pt")
+    save_checked({**saved, "logits": saved["logits"].flip(1)}, run / "test-predictions.pt")
     assert torch.equal(evaluator.student(job).logits, saved["logits"].flip(1))  # read, not recomputed
     weights = torch.load(run / "student.pt")
     weights["state_dict"]["fc.bias"] += 1.0  # other weights: the kept predictions no longer apply

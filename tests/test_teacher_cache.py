@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY, compose_config
 from kd import trainer as trainer_module
+from kd.io import load_checked
 from kd.run import train
 from kd.teacher_cache import TeacherCache
 from kd.validation import ConfigError
@@ -124,7 +125,7 @@ def test_two_jobs_at_once_compute_each_epoch_once_and_agree(random_teacher_ckpts
     assert all(s["epochs_computed"] + s["epochs_reused"] == 2 for s in stats), stats
     assert any("another job is computing the teacher's outputs" in o for o in outputs), outputs
     for path in (tmp_path / "cache").glob("*/epoch-*.pt"):  # every file whole and loadable
-        assert torch.load(path, weights_only=True).shape[0] == 270
+        assert load_checked(path).shape[0] == 270
     assert not list((tmp_path / "cache").glob("*/.*.tmp"))
     # and the shared entries gave what computing the teacher per batch gives
     alone = _run(tmp_path, monkeypatch, "kd_alone", [*_common(ckpt, tmp_path / "unused", "kd"),
@@ -148,7 +149,7 @@ def test_batches_slice_the_epoch_in_loader_order(tmp_path):
     epoch = _cache(tmp_path).epoch(0, lambda: tensors)
     last = epoch.batch(2)  # batch size 4: the last batch keeps the remaining 2 rows
     assert torch.equal(last.logits, tensors["logits"][8:]) and last.features["feat"].dtype == torch.float32
-    stored = torch.load(next(tmp_path.glob("*/epoch-0000.tap-layer3.pt")), weights_only=True)
+    stored = load_checked(next(tmp_path.glob("*/epoch-0000.tap-layer3.pt")))
     assert stored.dtype == torch.bfloat16  # kept in the dtype the teacher computed
 
 
@@ -182,16 +183,33 @@ def test_an_epoch_larger_than_the_bound_is_used_but_not_stored(tmp_path, caplog)
     assert not list(tmp_path.glob("*/epoch-*.pt"))
 
 
-def test_an_unreadable_file_is_computed_again(tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["unreadable", "one flipped byte", "no checksum"])
+def test_a_damaged_file_is_set_aside_and_computed_again(tmp_path, caplog, damage):
     cache = _cache(tmp_path)
     cache.epoch(0, lambda: _outputs(1))
     damaged = next(cache.dir.glob("epoch-0000.logits.pt"))
-    damaged.write_bytes(b"not a tensor")
+    if damage == "unreadable":
+        damaged.write_bytes(b"not a tensor")
+    elif damage == "one flipped byte":
+        flip_a_byte(damaged)
+    else:
+        torch.save(torch.full((10, 3), 5.0), damaged)  # what earlier versions wrote: loadable, unverifiable
     with caplog.at_level(logging.WARNING):
         epoch = cache.epoch(0, lambda: _outputs(1))
-    assert f"teacher cache file {damaged} is unreadable" in caplog.text
+    why = {"unreadable": "it has no checksum", "one flipped byte": "its content's sha256 is",
+           "no checksum": "it has no checksum"}[damage]
+    assert f"{damaged}: {why}" in caplog.text and "moved it to epoch-0000.logits.pt.corrupt" in caplog.text
     assert torch.equal(epoch.batch(0).logits, torch.ones(4, 3)) and cache.computed == 2
-    assert torch.equal(torch.load(damaged, weights_only=True), torch.ones(10, 3))
+    assert torch.equal(load_checked(damaged), torch.ones(10, 3))
+    assert damaged.with_name(damaged.name + ".corrupt").exists()
+
+
+def flip_a_byte(path):
+    """One bit of one byte after the checksum header changed, as a failing disk or a bad copy would."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
 
 
 @pytest.mark.parametrize("override,message", [

@@ -10,8 +10,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from kd.config_groups import CONF, options
-from kd.io import file_sha256, load_json
-from kd.teacher import checkpoint_path, sidecar
+from kd.io import file_sha256
+from kd.teacher import checkpoint_path, training_record
 
 
 def known_teachers(overrides: list[str]) -> list[dict]:
@@ -31,7 +31,7 @@ def describe(entry: dict) -> dict:
     path = entry["ckpt"]
     if not path.exists():
         return {**entry, "state": "missing"}
-    record = load_json(sidecar(path)) if sidecar(path).exists() else {}
+    record = training_record(path) or {}
     return {**entry, "state": "trained here" if record else "provided", "sha256": file_sha256(path)[:16],
             "val_acc": record.get("val_acc"), "test_acc": record.get("test_acc")}
 
