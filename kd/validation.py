@@ -10,6 +10,9 @@ class ConfigError(ValueError):
     pass
 
 
+MIN_TRAIN_IMAGES = 2  # a batch with batch statistics and sample pairs
+
+
 def _positive_int(value, key: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{key}={value!r} is invalid: it must be a whole number >= 1")
@@ -34,8 +37,11 @@ def validate(cfg: DictConfig) -> None:
     fraction = cfg.data.val_fraction
     if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise ConfigError(f"data.val_fraction={fraction!r} is invalid: it must lie strictly between 0 and 1")
-    if cfg.data.train_subset is not None:
-        _positive_int(cfg.data.train_subset, "data.train_subset")
+    subset = cfg.data.train_subset
+    if subset is not None and (not isinstance(subset, int) or isinstance(subset, bool) or subset < MIN_TRAIN_IMAGES):
+        raise ConfigError(f"data.train_subset={subset!r} is invalid: it must be a whole number >= {MIN_TRAIN_IMAGES} "
+                          "(batch statistics and the relational methods, rkd, crd, pkt, need two images; null keeps "
+                          "the whole training split)")
     _finite_numbers(OmegaConf.to_container(cfg.method.loss, resolve=True), "method.loss")
 
 

@@ -125,6 +125,7 @@ def test_bad_value_is_reported_plainly_before_training(tmp_path):
     ("device=cuda:3", ConfigError, "device='cuda:3' is not available here"),
     ("device=tpu", ConfigError, "device='tpu'"),
     ("trainer.precision=fp8", ConfigError, "trainer.precision='fp8' is not one of auto, fp32, bf16, fp16"),
+    ("data.train_subset=1", ConfigError, "data.train_subset=1 is invalid: it must be a whole number >= 2"),
     ("method.loss.temperature=nan", ConfigError, "method.loss.temperature=nan is invalid: it must be a finite number"),
     ("method.loss.alpha=-inf", ConfigError, "method.loss.alpha=-inf is invalid: it must be a finite number"),
     ("optim=dot trainer.precision=fp16", ConfigError, "optim=dot treats the task and distillation gradients apart"),
