@@ -519,6 +519,27 @@ def test_a_job_without_results_shows_as_missing(sweeps, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_report_during_a_sweep_counts_against_the_sweeps_job_list(sweeps, tmp_path):
+    import platform
+    from kd.report.collect import sweep_progress
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweeps / "sweep", copy, ignore=shutil.ignore_patterns("report_plots", "*.csv", "*.md"))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name, pid in (("3_kd", os.getpid()), ("4_fitnet", gone.pid)):  # one alive (this test), one ended
+        (copy / name / "results.json").unlink()
+        (copy / name / "status.json").write_text(json.dumps({"state": "running", "host": platform.node(),
+                                                             "pid": pid, "epochs_done": 1}))
+    shutil.rmtree(copy / "5_fitnet")  # not started yet
+    jobs = collect([copy])
+    assert [j.status for j in jobs] == ["ok", "ok", "ok", "running", "missing"]
+    assert "the job was killed (its process is gone)" in jobs[4].reason
+    assert sweep_progress(copy, jobs) == ("3 of 6 jobs finished, 1 running, 1 killed or unaccounted for, "
+                                          "1 not started")
+    assert sweep_progress(copy / "0_ce", collect([copy / "0_ce"])) is None  # a run folder: no job list
+
+
+@pytest.mark.slow
 def test_a_single_run_folder_and_wandb_offline(sweeps, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(sweeps / "sweep" / "2_kd", run)

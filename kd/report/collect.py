@@ -5,6 +5,8 @@ missing, as its `status.json` says), so the report never drops a job silently.
 """
 from __future__ import annotations
 
+import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from kd import run_folder
 from kd.io import load_json
 from kd.run_folder import CONFIG, HYDRA, RESULTS, STATE, STUDENT, read_status
 
-OK, FAILED, MISSING = "ok", "failed", "missing"
+OK, FAILED, RUNNING, MISSING = "ok", "failed", "running", "missing"
+SWEEP_RECORD = "multirun.yaml"  # what Hydra writes in a sweep folder when the sweep starts
 
 
 class NoRuns(ValueError):
@@ -29,7 +32,7 @@ class Job:
     cfg: DictConfig
     hydra: DictConfig | None
     results: dict | None
-    status: str                 # ok, failed (the log names an error) or missing (no results, no error seen)
+    status: str                 # ok, failed (an error recorded), running (its process is alive) or missing
     reason: str = ""
     overrides: list[str] = field(default_factory=list)
     variant: str = ""           # the overrides that tell this job's grid point apart (set by `label_variants`)
@@ -105,8 +108,45 @@ def job_status(folder: Path, results: dict | None) -> tuple[str, str]:
     state = f"; {STATE} is there" if (folder / STATE).is_file() else ""
     last = (f" (last status: {status['state']} on {status.get('host')}, pid {status.get('pid')}, "
             f"{status.get('updated')})") if status else ""
-    return MISSING, (f"no {RESULTS} and no error recorded after {epochs} finished epoch(s){state}{last}: "
-                     "the job was killed or is still running")
+    alive = process_alive(status) if status.get("state") == run_folder.RUNNING else None
+    if alive:
+        return RUNNING, f"running: {epochs} epoch(s) finished{last}"
+    how = ("the job was killed (its process is gone)" if alive is False
+           else "the job was killed or is still running")
+    return MISSING, f"no {RESULTS} and no error recorded after {epochs} finished epoch(s){state}{last}: {how}"
+
+
+def process_alive(status: dict) -> bool | None:
+    """Whether the process a status names still runs; None when it ran on another host (it cannot be asked)."""
+    if status.get("host") != platform.node() or not isinstance(status.get("pid"), int):
+        return None
+    try:
+        os.kill(status["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def sweep_progress(folder: Path, jobs: list[Job]) -> str | None:
+    """How far a sweep has come against its job list (Hydra's record of the sweep: `multirun.yaml`), e.g.
+    "2 of 4 jobs finished, 1 running, 1 not started"; None for a run folder or a search (no fixed list)."""
+    try:
+        record = OmegaConf.load(folder / SWEEP_RECORD)
+    except FileNotFoundError:
+        return None
+    if not str(record.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    overrides = OverridesParser.create().parse_overrides(list(record.hydra.overrides.task))
+    expected = sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+    mine = [job for job in jobs if job.sweep == folder]
+    counts = {state: sum(job.status == state for job in mine) for state in (OK, RUNNING, FAILED, MISSING)}
+    parts = [f"{counts[OK]} of {expected} jobs finished", f"{counts[RUNNING]} running", f"{counts[FAILED]} failed",
+             f"{counts[MISSING]} killed or unaccounted for", f"{max(expected - len(mine), 0)} not started"]
+    return ", ".join(p for p in parts if not p.startswith("0 ") or p.endswith("finished"))
 
 
 def label_variants(jobs: list[Job]) -> None:

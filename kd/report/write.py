@@ -9,7 +9,7 @@ import torch
 
 from kd.io import save_text
 from kd.report import markdown, plots, tables
-from kd.report.collect import collect
+from kd.report.collect import collect, sweep_progress
 from kd.report.complexity import MIN_TIMED
 from kd.report.evaluate import Evaluator, LatencySettings
 from kd.report.metrics import per_class_accuracy
@@ -63,7 +63,8 @@ def write_report(folders: list[Path], device: torch.device, latency: LatencySett
     for label, group in by_label.items():
         drawn[f"curve:{label}"] = plots.method_curve(group, figures / f"curve_{_slug(label)}.png")
 
-    notes = [f"sweep folder(s): {', '.join(str(f.resolve()) for f in folders)}",
+    progress = [f"{f}: {p}" for f in folders if (p := sweep_progress(f, jobs))]
+    notes = [f"sweep folder(s): {', '.join(str(f.resolve()) for f in folders)}", *progress,
              f"evaluated on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}); "
              + (f"latency: fp32, batch {latency.batch_size}, median of up to {latency.repeats} passes (at most "
                   f"{latency.seconds:g} s of them per model, at least {MIN_TIMED}) after {latency.warmup} warm-up"
