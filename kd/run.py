@@ -102,23 +102,50 @@ def hydra_files(cfg: DictConfig) -> dict[str, str]:
 
 
 def train(cfg: DictConfig) -> dict:
-    log.info("%s", cfg.method.display_name)
     run_dir, group = run_dir_and_group()
-    with owned(run_dir):
-        config = decisive_config(cfg)
-        record = claim(run_dir, config, (run_dir / RESULTS).exists() or (run_dir / STATE).exists(), hydra_files(cfg))
-        finished = finished_results(run_dir)
-        if finished is not None:
-            log.info("%s already holds finished results; not training again", run_dir / RESULTS)
-            return finished
-        write_status(run_dir, RUNNING)
-        try:
-            results = _train(cfg, run_dir, group, record)
-        except Exception as err:
-            write_status(run_dir, FAILED, error=f"{type(err).__name__}: {err}")
-            raise
-        write_status(run_dir, FINISHED, epochs_done=len(results["history"]))
-        return results
+    held = hold_folder_logs(run_dir)
+    try:
+        with owned(run_dir):
+            config = decisive_config(cfg)
+            record = claim(run_dir, config, (run_dir / RESULTS).exists() or (run_dir / STATE).exists(),
+                           hydra_files(cfg))
+            release_folder_logs(held)
+            return _train_owned(cfg, run_dir, group, record)
+    finally:
+        for handler in held:  # refused: nothing of this process goes into a folder it does not own
+            handler.close()
+
+
+def hold_folder_logs(folder: Path) -> list[logging.Handler]:
+    """Take the log files inside `folder` (Hydra's train.log) off the root logger until this process owns it."""
+    root = logging.getLogger()
+    held = [h for h in root.handlers if isinstance(h, logging.FileHandler)
+            and Path(h.baseFilename).resolve().is_relative_to(folder.resolve())]
+    for handler in held:
+        root.removeHandler(handler)
+    return held
+
+
+def release_folder_logs(held: list[logging.Handler]) -> None:
+    for handler in held:
+        logging.getLogger().addHandler(handler)
+    held.clear()
+
+
+def _train_owned(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
+    log.info("%s", cfg.method.display_name)
+    finished = finished_results(run_dir)
+    if finished is not None:
+        log.info("%s already holds finished results; not training again", run_dir / RESULTS)
+        return finished
+    write_status(run_dir, RUNNING)
+    try:
+        results = _train(cfg, run_dir, group, record)
+    except Exception as err:
+        write_status(run_dir, FAILED, error=f"{type(err).__name__}: {err}")
+        raise
+    write_status(run_dir, FINISHED, epochs_done=len(results["history"]))
+    return results
 
 
 def split_digests(splits: Splits) -> dict[str, str]:

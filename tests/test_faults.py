@@ -48,6 +48,7 @@ def test_two_runs_sharing_one_named_folder_never_mix(tmp_path, random_teacher_ck
     assert results["seed"] == _config_seed(run)  # config and results of one and the same run
     log = (run / "train.log").read_text()
     assert log.count("teacher resnet20 test_acc") == 1  # one run's log, not two interleaved
+    assert "ERROR" not in log and "in use by a live process" not in log  # the refused process wrote nothing here
 
 
 def test_a_finished_folder_relaunched_with_other_settings_is_refused_and_keeps_its_config(tmp_path,
@@ -58,6 +59,7 @@ def test_a_finished_folder_relaunched_with_other_settings_is_refused_and_keeps_i
     again = run_train(_args(random_teacher_ckpts, "seed=7", "kd_epochs=2", f"hydra.run.dir={run}"), cwd=tmp_path)
     assert again.returncode != 0
     assert "belongs to a run of another config" in again.stderr
+    assert "belongs to a run of another config" not in (run / "train.log").read_text()  # said, not written there
     assert "kd_epochs: 1 there, 2 now" in again.stderr and "seed: 3 there, 7 now" in again.stderr
     assert json.loads((run / "results.json").read_text()) == before
     assert _config_seed(run) == 3 and "seed=3" in (run / ".hydra" / "overrides.yaml").read_text()
