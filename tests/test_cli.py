@@ -126,6 +126,9 @@ def test_bad_value_is_reported_plainly_before_training(tmp_path):
     ("device=tpu", ConfigError, "device='tpu'"),
     ("trainer.precision=fp8", ConfigError, "trainer.precision='fp8' is not one of auto, fp32, bf16, fp16"),
     ("data.train_subset=1", ConfigError, "data.train_subset=1 is invalid: it must be a whole number >= 2"),
+    ("method.loss.temperature=0", ConfigError, r"method.loss.temperature=0 is invalid: VanillaKD's temperature must "
+                                               r"lie in \(0, inf\)"),
+    ("method.loss.alpha=1.5", ConfigError, r"method.loss.alpha=1.5 is invalid: VanillaKD's alpha must lie in \[0, 1\]"),
     ("method.loss.temperature=nan", ConfigError, "method.loss.temperature=nan is invalid: it must be a finite number"),
     ("method.loss.alpha=-inf", ConfigError, "method.loss.alpha=-inf is invalid: it must be a finite number"),
     ("optim=dot trainer.precision=fp16", ConfigError, "optim=dot treats the task and distillation gradients apart"),

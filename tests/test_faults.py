@@ -136,7 +136,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, random_teacher_ckp
 
 def test_a_failed_job_of_a_local_parallel_sweep_ends_non_zero_and_the_sweep_names_it(tmp_path, random_teacher_ckpts):
     sweep = tmp_path / "sweep"
-    proc = run_train(["-m", *_args(random_teacher_ckpts, "method.loss.temperature=0,4"), "hydra/launcher=local",
+    proc = run_train(["-m", *_args(random_teacher_ckpts, "method.loss.temperature=1e-300,4"), "hydra/launcher=local",
                       f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode != 0 and "non-finite" in proc.stderr
     logs = {p.parent.name: p.read_text() for p in (sweep / ".submitit").rglob("*_log.out")}

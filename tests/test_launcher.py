@@ -94,8 +94,8 @@ def test_a_local_sweep_runs_as_one_task_k_runs_at_a_time(tmp_path, random_teache
 @pytest.mark.slow
 def test_a_failing_run_in_a_group_fails_the_sweep_and_leaves_the_others(tmp_path, random_teacher_ckpts):
     sweep = tmp_path / "sweep"
-    # temperature 0 makes the KD loss non-finite in the first step: that run fails, the others must not
-    proc = run_train(["-m", "method=kd", "method.loss.temperature=4,0,2", *TINY, "kd_epochs=1",
+    # temperature 1e-300 (0 in float32) makes the KD loss non-finite in the first step: that run fails, the others must not
+    proc = run_train(["-m", "method=kd", "method.loss.temperature=4,1e-300,2", *TINY, "kd_epochs=1",
                       "model@model.teacher=resnet20", f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}",
                       "hydra/launcher=local", "hydra.launcher.runs_per_task=3", f"hydra.sweep.dir={sweep}"],
                      cwd=tmp_path, OMP_NUM_THREADS="1")

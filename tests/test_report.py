@@ -353,13 +353,13 @@ METHODS = {"ce": "Cross-entropy baseline (no teacher)", "kd": "Vanilla KD (Hinto
 
 @pytest.fixture(scope="session")
 def sweeps(tmp_path_factory, random_teacher_ckpts):
-    """Three methods x two seeds, plus a second sweep whose one job fails (temperature 0: non-finite loss)."""
+    """Three methods x two seeds, plus a second sweep whose one job fails (temperature 1e-300: non-finite loss)."""
     root = tmp_path_factory.mktemp("report")
     teacher = f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}"
     good = run_train(["-m", "method=ce,kd,fitnet", "seed=0,1", *SWEEP_ARGS, teacher,
                       f"hydra.sweep.dir={root / 'sweep'}"], cwd=root)
     assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-3000:]
-    bad = run_train(["-m", "method=kd", "method.loss.temperature=0", *SWEEP_ARGS, teacher,
+    bad = run_train(["-m", "method=kd", "method.loss.temperature=1e-300", *SWEEP_ARGS, teacher,
                      f"hydra.sweep.dir={root / 'failing'}"], cwd=root)
     assert bad.returncode != 0 and "non-finite" in bad.stderr
     return root
@@ -394,8 +394,8 @@ def test_the_failed_job_is_a_row_marked_failed(report, sweeps):
     failed = report["summary"].iloc[-1]
     assert "[ERROR]" in (sweeps / "failing" / "0_kd" / "train.log").read_text()  # train.py logs what ended the run
     assert failed.status == "failed" and "NonFiniteLoss" in failed.reason and "non-finite" in failed.reason
-    assert failed.label == "kd [temperature=0]" and math.isnan(failed.test_acc)
-    assert report["seeds"].set_index("method").loc["kd [temperature=0]", "failed_or_missing"] == 1
+    assert failed.label == "kd [temperature=1e-300]" and math.isnan(failed.test_acc)
+    assert report["seeds"].set_index("method").loc["kd [temperature=1e-300]", "failed_or_missing"] == 1
 
 
 @pytest.mark.slow
@@ -455,9 +455,9 @@ def test_model_comparison_columns(report):
 @pytest.mark.slow
 def test_rank_and_seed_tables_cover_every_method(report):
     ranks, seeds = report["ranks"], report["seeds"]
-    labels = ["ce", "kd", "fitnet", "kd [temperature=0]"]
+    labels = ["ce", "kd", "fitnet", "kd [temperature=1e-300]"]
     assert sorted(ranks.method) == sorted(labels) and list(seeds.method) == labels
-    assert ranks.method.iloc[-1] == "kd [temperature=0]" and math.isnan(ranks.average_rank.iloc[-1])
+    assert ranks.method.iloc[-1] == "kd [temperature=1e-300]" and math.isnan(ranks.average_rank.iloc[-1])
     summary = report["summary"].set_index("job")
     kd_minus_ce = [summary.loc[f"{2 + s}_kd", "test_acc"] - summary.loc[f"{s}_ce", "test_acc"] for s in (0, 1)]
     kd = seeds.set_index("method").loc["kd"]
@@ -482,7 +482,7 @@ def test_plots_are_valid_non_empty_pngs(report):
 def test_markdown_has_one_section_per_method_headed_by_its_display_name(report):
     md = report["markdown"]
     headings = [line[3:] for line in md.splitlines() if line.startswith("## ")]
-    expected = [*METHODS.values(), "Vanilla KD (Hinton et al. 2015) (temperature=0)"]
+    expected = [*METHODS.values(), "Vanilla KD (Hinton et al. 2015) (temperature=1e-300)"]
     assert headings[0] == "Teacher and students"
     assert headings[1:5] == expected
     assert md.index("## Teacher and students") < md.index(f"## {METHODS['ce']}") < md.index("## Ranks")
@@ -490,7 +490,7 @@ def test_markdown_has_one_section_per_method_headed_by_its_display_name(report):
         section = md.split(f"## {METHODS[name]}\n")[1].split("\n## ")[0]
         assert "```\nL = " in section and "Hyperparameters:" in section
         assert f"(report_plots/curve_{name}.png)" in section and "| epoch |" in section
-    assert "`temperature` = 4.0" in md and "`temperature` = 0" in md
+    assert "`temperature` = 4.0" in md and "`temperature` = 1e-300" in md
     for link in (line.split("](")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")):
         assert (report["folder"] / link).is_file(), link
 

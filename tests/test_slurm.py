@@ -92,8 +92,8 @@ def test_a_search_runs_its_trials_as_slurm_jobs(tmp_path, random_teacher_ckpts):
 
 def test_a_failing_job_leaves_the_others_and_the_sweep_reports_it(tmp_path, random_teacher_ckpts):
     sweep = tmp_path / "sweep"
-    # temperature 0 makes the KD loss non-finite in the first step: that job fails, the other must not
-    proc = run_train(["-m", "method=kd", "method.loss.temperature=0,4", *TINY, "kd_epochs=1",
+    # temperature 1e-300 (0 in float32) makes the KD loss non-finite in the first step: that job fails, the other must not
+    proc = run_train(["-m", "method=kd", "method.loss.temperature=1e-300,4", *TINY, "kd_epochs=1",
                       *_teacher(random_teacher_ckpts), *SLURM, f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
                      OMP_NUM_THREADS="1")
     assert proc.returncode != 0

@@ -68,7 +68,7 @@ def test_student_learns_on_synthetic_data(random_teacher_ckpts, tmp_path, monkey
 
 def test_non_finite_loss_stops_with_method_epoch_and_step(random_teacher_ckpts, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = compose_config([*TINY, "method=kd", "kd_epochs=1", "method.loss.temperature=0", "model@model.teacher=resnet20",
+    cfg = compose_config([*TINY, "method=kd", "kd_epochs=1", "method.loss.temperature=1e-300", "model@model.teacher=resnet20",
                           f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}"])
     with pytest.raises(NonFiniteLoss, match=r"kd: the loss became non-finite at epoch 1, step 1"):
         train(cfg)

@@ -25,6 +25,7 @@ class ActivationBoundaries(StudentInitialisation):
     """
 
     label = "ab"
+    argument_ranges = {**StudentInitialisation.argument_ranges, "margin": "[0, inf)", "weight": "[0, inf)"}
 
     def __init__(self, margin: float, weight: float, prepare_epochs: int, prepare_lr: float, prepare_momentum: float,
                  prepare_weight_decay: float, features: list[str], feature_shapes):

@@ -20,6 +20,8 @@ class AttentionTransfer(DistillationLoss):
     compared: the same weight acts 4x more strongly at 4x4 than at 8x8.
     """
 
+    argument_ranges = {"weight": "[0, inf)"}
+
     def __init__(self, weight: float, feature: str, feature_shapes):
         super().__init__()
         self.weight, self.feature = weight, feature

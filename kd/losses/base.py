@@ -65,6 +65,10 @@ class DistillationLoss(nn.Module):
     """
 
     needs_teacher = True
+    argument_ranges: dict[str, str] = {}
+    """Each numeric YAML argument's valid values as an interval, `(0, inf)`, `[0, 1]`, `[1, inf)`: checked (with the
+    items of a list argument) before any data or teacher work, so a bad value is named, not met as a non-finite
+    loss. Arguments not listed are only required to be finite."""
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> LossParts:
         raise NotImplementedError
@@ -104,11 +108,32 @@ def loss_factory(loss_cfg: DictConfig) -> Callable[..., DistillationLoss]:
                      and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in given | set(PROVIDED))
     if missing:
         raise ValueError(f"method.loss: {cls.__name__} needs {missing}; set them in the method's YAML")
+    check_ranges(cls, OmegaConf.to_container(loss_cfg, resolve=True))
 
     def build(**provided) -> DistillationLoss:
         return partial(**{name: value for name, value in provided.items() if name in parameters})
     build.loss_class = cls
     return build
+
+
+def check_ranges(cls: type, arguments: dict) -> None:
+    """Every argument a loss class declares a range for (`argument_ranges`) lies in it; a list argument's items too."""
+    for name, interval in cls.argument_ranges.items():
+        if name not in arguments or arguments[name] is None:
+            continue
+        value = arguments[name]
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not in_interval(item, interval):
+                raise ValueError(f"method.loss.{name}={value!r} is invalid: {cls.__name__}'s {name} must lie in "
+                                 f"{interval}")
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """`value` in an interval written `[a, b]`, `(a, b)`, `[a, b)` or `(a, b]`, with `inf` for no bound."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
 
 
 def pooled(features: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,8 @@ class CorrelationCongruence(DistillationLoss):
     not). The kernel compares the images of one network with each other, so the two widths need not match.
     """
 
+    argument_ranges = {"weight": "[0, inf)", "gamma": "(0, inf)", "order": "[1, inf)", "embed_dim": "[1, inf)"}
+
     def __init__(self, weight: float, gamma: float, order: int, embed_dim: int, feature: str, feature_shapes):
         super().__init__()
         self.weight, self.gamma, self.order, self.feature = weight, gamma, order, feature

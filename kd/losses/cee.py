@@ -9,6 +9,8 @@ class HardLabelKD(DistillationLoss):
     loss = beta * CE(z_s, argmax z_t) + (1 - beta) * CE(z_s, y)
     """
 
+    argument_ranges = {"beta": "[0, 1]"}
+
     def __init__(self, beta: float):
         super().__init__()
         self.beta = beta

@@ -18,6 +18,8 @@ class InBatchCRD(DistillationLoss):
     loss = CE(z_s, y) + weight * CRD. Both heads are trained with the student.
     """
 
+    argument_ranges = {"tau": "(0, inf)", "weight": "[0, inf)", "head_width": "[1, inf)", "embed_dim": "[1, inf)"}
+
     def __init__(self, tau: float, weight: float, head_width: int, embed_dim: int, feature: str, feature_shapes):
         super().__init__()
         self.tau, self.weight, self.feature = tau, weight, feature

@@ -44,6 +44,9 @@ class ContrastiveRepresentationDistillation(DistillationLoss):
     = 1.6e6 would overflow fp16.
     """
 
+    argument_ranges = {"weight": "[0, inf)", "kd_weight": "[0, inf)", "kd_temperature": "(0, inf)",
+                       "feat_dim": "[1, inf)", "nce_k": "[1, inf)", "nce_t": "(0, inf)", "nce_m": "[0, 1]"}
+
     def __init__(self, weight: float, kd_weight: float, kd_temperature: float, feat_dim: int, nce_k: int,
                  nce_t: float, nce_m: float, negatives: str, feature: str, feature_shapes, num_train: int,
                  train_labels: torch.Tensor):

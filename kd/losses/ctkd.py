@@ -34,6 +34,9 @@ class CTKD(DistillationLoss):
     gradient reaches theta through tau^2 and both softmaxes.
     """
 
+    argument_ranges = {"t_start": "(0, inf)", "t_range": "[0, inf)", "lambda_max": "[0, inf)",
+                       "curriculum_fraction": "[0, 1]", "ce_weight": "[0, inf)", "kd_weight": "[0, inf)"}
+
     def __init__(self, t_start: float, t_range: float, theta_init: float, lambda_max: float,
                  curriculum_fraction: float, ce_weight: float, kd_weight: float):
         super().__init__()

@@ -27,6 +27,9 @@ class DIST(DistillationLoss):
     The tau^2 factors follow the authors' released loss. intra depends on the whole batch, not a mean of samples.
     """
 
+    argument_ranges = {"ce_weight": "[0, inf)", "weight": "[0, inf)", "beta": "[0, inf)", "gamma": "[0, inf)",
+                       "tau": "(0, inf)"}
+
     def __init__(self, ce_weight: float, weight: float, beta: float, gamma: float, tau: float):
         super().__init__()
         self.ce_weight, self.weight, self.beta, self.gamma, self.tau = ce_weight, weight, beta, gamma, tau

@@ -53,6 +53,9 @@ class DKD(DistillationLoss):
     when the gt logit leads the others by more than 1000 * T.
     """
 
+    argument_ranges = {"ce_weight": "[0, inf)", "alpha": "[0, inf)", "beta": "[0, inf)", "temperature": "(0, inf)",
+                       "warmup_fraction": "[0, 1]"}
+
     def __init__(self, ce_weight: float, alpha: float, beta: float, temperature: float, warmup_fraction: float,
                  standardize: bool):
         super().__init__()

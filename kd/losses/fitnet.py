@@ -16,6 +16,8 @@ class FitNet(DistillationLoss):
     same weight acts 8x more strongly with a 64-channel teacher than with a 512-channel one.
     """
 
+    argument_ranges = {"weight": "[0, inf)", "ramp_fraction": "[0, 1]"}
+
     def __init__(self, weight: float, ramp_fraction: float, feature: str, feature_shapes):
         super().__init__()
         self.weight, self.ramp_fraction, self.feature = weight, ramp_fraction, feature

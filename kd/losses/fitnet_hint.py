@@ -36,6 +36,8 @@ class FitNetHint(DistillationLoss):
     the regressor are trained on the hint alone for that many epochs (prepare_optimizer, constant rate).
     """
 
+    argument_ranges = {"beta": "[0, inf)", "prepare_epochs": "[0, inf)"}
+
     def __init__(self, beta: float, prepare_epochs: int, prepare_optimizer: Callable[..., torch.optim.Optimizer],
                  feature: str, feature_shapes):
         super().__init__()

@@ -10,6 +10,8 @@ class FocalKD(DistillationLoss):
     loss = CE(z_s, y) + weight * FKD
     """
 
+    argument_ranges = {"temperature": "(0, inf)", "gamma": "[0, inf)", "weight": "[0, inf)"}
+
     def __init__(self, temperature: float, gamma: float, weight: float):
         super().__init__()
         self.temperature, self.gamma, self.weight = temperature, gamma, weight

@@ -27,6 +27,7 @@ class FSP(StudentInitialisation):
     """
 
     label = "fsp"
+    argument_ranges = {**StudentInitialisation.argument_ranges, "weight": "[0, inf)"}
 
     def __init__(self, weight: float, prepare_epochs: int, prepare_lr: float, prepare_momentum: float,
                  prepare_weight_decay: float, features: list[str], feature_shapes):

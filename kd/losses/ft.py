@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.losses.base import DistillationLoss, LossParts
-from kd.losses.init_stage import common_size, run_stage, stage_only, stage_weights
+from kd.losses.init_stage import STAGE_RANGES, common_size, run_stage, stage_only, stage_weights
 
 
 def conv_stack(channels: list[int], transposed: bool = False) -> nn.Sequential:
@@ -30,6 +30,8 @@ class FactorTransfer(DistillationLoss):
     L = CE(z_s, y) + beta * mean |f(T(F_s)) - f(E(F_t))|   (the mean over batch and factor elements).
     Factors of different spatial size: the larger is average-pooled to the smaller (RepDistiller).
     """
+
+    argument_ranges = {**STAGE_RANGES, "beta": "[0, inf)", "rate": "(0, inf)"}
 
     def __init__(self, beta: float, rate: float, prepare_epochs: int, prepare_lr: float, prepare_momentum: float,
                  prepare_weight_decay: float, feature: str, feature_shapes):

@@ -87,6 +87,12 @@ def train_only(student: nn.Module, parameters: list[nn.Parameter]) -> None:
             m.train()
 
 
+STAGE_RANGES = {"prepare_epochs": "[0, inf)", "prepare_lr": "(0, inf)", "prepare_momentum": "[0, 1)",
+                "prepare_weight_decay": "[0, inf)"}
+"""`argument_ranges` of a stage's YAML arguments (`run_stage`'s epochs, 0 for no stage, and SGD settings; a momentum
+of 1 would never let a gradient fade)."""
+
+
 def run_stage(preparation: Preparation, name: str, epochs: int, trainable: Callable[[Batch], list[torch.Tensor]],
               step_loss: Callable[[Batch, Outputs], torch.Tensor], sgd: dict) -> None:
     """`epochs` passes over the run's training batches (the first epochs' order and augmentation): SGD with
@@ -147,6 +153,7 @@ class StudentInitialisation(DistillationLoss):
     trained with the student's guided layers on `distance` alone in the preparation, fixed (eval mode) after it."""
 
     label = ""
+    argument_ranges = STAGE_RANGES
 
     def __init__(self, features: list[str], feature_shapes, prepare_epochs: int, prepare_lr: float,
                  prepare_momentum: float, prepare_weight_decay: float):

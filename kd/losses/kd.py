@@ -15,6 +15,8 @@ class WeightedKD(DistillationLoss):
     reads the raw logits): T^2 * KL(softmax(Z(z_t)/T) || softmax(Z(z_s)/T)), T the base temperature.
     """
 
+    argument_ranges = {"temperature": "(0, inf)", "ce_weight": "[0, inf)", "kd_weight": "[0, inf)"}
+
     def __init__(self, temperature: float, ce_weight: float, kd_weight: float, standardize: bool):
         super().__init__()
         self.temperature, self.ce_weight, self.kd_weight = temperature, ce_weight, kd_weight
@@ -35,6 +37,8 @@ class VanillaKD(WeightedKD):
     loss = alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) * CE(z_s, y)   (`standardize` as
     in WeightedKD)
     """
+
+    argument_ranges = {**WeightedKD.argument_ranges, "alpha": "[0, 1]"}
 
     def __init__(self, temperature: float, alpha: float, standardize: bool):
         super().__init__(temperature, 1 - alpha, alpha, standardize)

@@ -34,6 +34,9 @@ class KDPlusPlus(DistillationLoss):
     A class whose mean has not been measured (a loss called without `prepare`) uses its mean in the batch.
     """
 
+    argument_ranges = {"temperature": "(0, inf)", "ce_weight": "[0, inf)", "kd_weight": "[0, inf)",
+                       "nd_weight": "[0, inf)", "kd_ramp_fraction": "[0, 1]", "dropout": "[0, 1)"}
+
     def __init__(self, temperature: float, ce_weight: float, kd_weight: float, nd_weight: float,
                  kd_ramp_fraction: float, dropout: float, feature: str, feature_shapes, num_classes: int):
         super().__init__()

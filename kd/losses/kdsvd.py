@@ -66,6 +66,8 @@ class KDSVD(DistillationLoss):
     Where the channel counts differ, a trainable 1x1 conv + BN maps the student's features to the teacher's first.
     """
 
+    argument_ranges = {"weight": "[0, inf)", "components": "[1, inf)"}
+
     def __init__(self, weight: float, components: int, features: list[str], feature_shapes):
         super().__init__()
         self.weight, self.components, self.features = weight, components, list(features)

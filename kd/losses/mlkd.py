@@ -37,6 +37,9 @@ class MLKD(DistillationLoss):
     loss = ce_weight * CE(z_s, y) + kd_weight * sum_T (instance_T + batch_T + class_T).
     """
 
+    argument_ranges = {"temperatures": "(0, inf)", "mask_percentile": "[0, 100]", "ce_weight": "[0, inf)",
+                       "kd_weight": "[0, inf)"}
+
     def __init__(self, temperatures: list[float], mask_percentile: float, ce_weight: float, kd_weight: float):
         super().__init__()
         self.temperatures = tuple(float(t) for t in temperatures)

@@ -23,6 +23,8 @@ class NeuronSelectivityTransfer(DistillationLoss):
     the batch. loss = CE(z_s, y) + weight * sum over the stage pairs of MMD^2.
     """
 
+    argument_ranges = {"weight": "[0, inf)"}
+
     def __init__(self, weight: float, features: list, feature_shapes):
         super().__init__()
         self.weight, self.features = weight, list(features)

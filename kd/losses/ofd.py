@@ -69,6 +69,8 @@ class OFD(DistillationLoss):
     The margins are read from `teacher_model` here, before the trainer folds the teacher's BatchNorms.
     """
 
+    argument_ranges = {"weight": "[0, inf)"}
+
     def __init__(self, weight: float, features: list[str], teacher_taps: Mapping[str, str], feature_shapes,
                  teacher_model: nn.Module):
         super().__init__()

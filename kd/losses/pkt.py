@@ -34,6 +34,8 @@ class PKT(DistillationLoss):
     loss = CE(z_s, y) + weight * PKT.
     """
 
+    argument_ranges = {"temperature": "(0, inf)", "weight": "[0, inf)"}
+
     def __init__(self, temperature: float | None, weight: float, feature: str, kernel: str):
         super().__init__()
         if kernel not in KERNELS:

@@ -62,6 +62,8 @@ class ReviewKD(DistillationLoss):
     t = epochs done, counted per step.
     """
 
+    argument_ranges = {"weight": "[0, inf)", "warmup_fraction": "[0, 1]", "max_mid_channels": "[1, inf)"}
+
     def __init__(self, weight: float, warmup_fraction: float, max_mid_channels: int, features: list[str],
                  teacher_features: list[str], feature_shapes):
         super().__init__()

@@ -53,6 +53,8 @@ class RKD(DistillationLoss):
     of all triplet angles.
     """
 
+    argument_ranges = {"distance_weight": "[0, inf)", "angle_weight": "[0, inf)"}
+
     def __init__(self, distance_weight: float, angle_weight: float, feature: str):
         super().__init__()
         self.distance_weight, self.angle_weight, self.feature = distance_weight, angle_weight, feature

@@ -19,6 +19,8 @@ class SimilarityPreserving(DistillationLoss):
     the weight is tuned for one batch size (the authors': 64).
     """
 
+    argument_ranges = {"weight": "[0, inf)"}
+
     def __init__(self, weight: float, feature: str):
         super().__init__()
         self.weight, self.feature = weight, feature

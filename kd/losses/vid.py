@@ -26,6 +26,8 @@ class VariationalInformationDistillation(DistillationLoss):
     loss = CE(z_s, y) + weight * VID.
     """
 
+    argument_ranges = {"weight": "[0, inf)", "init_variance": "(0, inf)", "eps": "(0, inf)"}
+
     def __init__(self, weight: float, init_variance: float, eps: float, features: list, feature_shapes):
         super().__init__()
         self.weight, self.eps, self.features = weight, eps, list(features)

@@ -13,6 +13,8 @@ class WTTM(DistillationLoss):
     Computed in log space: log q = log_softmax(gamma * z_t), log U = logsumexp_c(gamma * log_softmax(z_t)).
     """
 
+    argument_ranges = {"ce_weight": "[0, inf)", "gamma": "(0, inf)", "beta": "[0, inf)"}
+
     def __init__(self, ce_weight: float, gamma: float, beta: float):
         super().__init__()
         self.ce_weight, self.gamma, self.beta = ce_weight, gamma, beta
