@@ -15,6 +15,7 @@ differences. One live sweeping process per study (a file lock the kernel release
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -52,6 +53,44 @@ def _optuna():
                           "pip install -e '.[tune]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
+
+
+ENTRY_SHA256 = "kd_sha256"  # a journal entry's checksum, one more key that Optuna's replay does not read
+
+
+def _entry_sha256(entry: dict) -> str:
+    """Of the entry as the file gives it back (JSON turns tuples into lists and integer keys into strings)."""
+    as_read = json.loads(json.dumps(entry))
+    return hashlib.sha256(json.dumps(as_read, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def checksummed_journal(path: Path):
+    """Optuna's journal file, each entry carrying the sha256 of its content: a damaged entry (a changed digit of a
+    trial's value or parameter) stops the search naming the file and the entry, instead of being replayed.
+    Entries of a search begun before checksums (the file's first entries, none carrying one) are read as they are."""
+    _optuna()
+    from optuna.storages.journal import JournalFileBackend
+
+    class ChecksummedJournal(JournalFileBackend):
+        checked = False  # an entry with a checksum was read: every later one must carry one too
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            super().append_logs([{**entry, ENTRY_SHA256: _entry_sha256(entry)} for entry in logs])
+
+        def read_logs(self, log_number_from: int):
+            for number, entry in enumerate(super().read_logs(log_number_from), start=log_number_from + 1):
+                expected = entry.pop(ENTRY_SHA256, None)
+                if expected is None and not self.checked:
+                    yield entry
+                    continue
+                self.checked = True
+                if expected != _entry_sha256(entry):
+                    why = "has no checksum" if expected is None else "does not match the checksum written with it"
+                    raise SearchError(f"{path}: entry {number} {why}: the study's record is damaged, so the search "
+                                      "does not continue from it; restore the file from a copy, or search afresh "
+                                      "in a new folder (hparams_search presets: hydra.sweeper.study_name=<new name>)")
+                yield entry
+    return ChecksummedJournal(str(path))
 
 
 def distribution(override: Override):
@@ -159,9 +198,8 @@ class KDOptunaSweeper(Sweeper):
     def _study(self, sweep_dir: Path, identity: dict):
         optuna = _optuna()
         from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
 
-        storage = JournalStorage(JournalFileBackend(str(sweep_dir / JOURNAL)))
+        storage = JournalStorage(checksummed_journal(sweep_dir / JOURNAL))
         create = dict(study_name=self.study_name, storage=storage, direction=self.direction, load_if_exists=True)
         asked = len(optuna.create_study(**create).get_trials(deepcopy=False))
         study = optuna.create_study(sampler=self._sampler(asked), **create)

@@ -3,6 +3,7 @@ distributions, every preset composing, a tiny real search through the basic laun
 folders scored by validation accuracy, a relaunch that continues a study whose sweeping process was killed without
 retraining a finished trial, and the refusals of a search that cannot run as configured."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.storages import JournalStorage  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
 
-from hydra_plugins.kd_sweeper import JOURNAL, distribution  # noqa: E402
+from hydra_plugins.kd_sweeper import JOURNAL, checksummed_journal, distribution  # noqa: E402
 
 PRESETS = options("hparams_search")
 
@@ -70,7 +71,7 @@ def search_args(folder, ckpts, *extra):
 
 
 def study_of(folder):
-    storage = JournalStorage(JournalFileBackend(str(folder / JOURNAL)))
+    storage = JournalStorage(checksummed_journal(folder / JOURNAL))
     return optuna.load_study(study_name="kd_tpe", storage=storage)
 
 
@@ -195,3 +196,27 @@ def test_continuing_a_study_with_another_config_is_refused(search, tmp_path):
 
 def test_the_ci_installs_the_tune_extra():
     assert ".[test,tune" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_a_damaged_journal_entry_stops_the_search_naming_it(tmp_path):
+    journal = tmp_path / JOURNAL
+    study = optuna.create_study(storage=JournalStorage(checksummed_journal(journal)), study_name="s")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+    assert len(optuna.load_study(storage=JournalStorage(checksummed_journal(journal)), study_name="s").trials) == 3
+    lines = journal.read_text().splitlines()
+    number = next(i for i, line in enumerate(lines) if '"values"' in line)  # a trial's recorded value
+    lines[number] = re.sub(r"(\d)(\d)", lambda m: m[1] + str((int(m[2]) + 1) % 10), lines[number], count=1)
+    journal.write_text("\n".join(lines) + "\n")
+    # ValueError: Hydra's plugin scan may load a second copy of the sweeper module, with a SearchError of its own
+    with pytest.raises(ValueError, match=rf"entry {number + 1} does not match the checksum written with it"):
+        optuna.load_study(storage=JournalStorage(checksummed_journal(journal)), study_name="s")
+
+
+def test_a_journal_from_before_checksums_is_continued(tmp_path):
+    journal = tmp_path / JOURNAL
+    plain = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(journal))), study_name="s")
+    plain.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    study = optuna.load_study(storage=JournalStorage(checksummed_journal(journal)), study_name="s")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)  # appended with checksums
+    again = optuna.load_study(storage=JournalStorage(checksummed_journal(journal)), study_name="s")
+    assert [t.number for t in again.trials] == [0, 1, 2]
