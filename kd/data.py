@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from hydra.utils import to_absolute_path
 
-from kd.io import CorruptFile, cache_unwritable, exclusive, load_checked, save_checked, set_aside, tensors_sha256
+from kd.io import cache_unwritable, exclusive, load_kept, save_checked, tensors_sha256
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +103,8 @@ def _decoded_once(root: Path, classes: list[str], cache_dir: Path, decode) -> Ar
     path = cache_dir / f"imagefolder-{listing.hexdigest()[:20]}.pt"
 
     def load() -> Arrays | None:
-        try:
-            arrays = load_checked(path)
-        except FileNotFoundError:
-            return None
-        except CorruptFile as err:  # a changed byte, a damaged disk, a file from before checksums
-            set_aside(err, f"decoding {root} again")
-            return None
-        except Exception as err:  # unreadable: decode again and replace it
-            set_aside(CorruptFile(path, f"unreadable ({err})"), f"decoding {root} again")
+        arrays = load_kept(path, f"decoding {root} again")
+        if arrays is None:
             return None
         log.info("decoded images of %s read from %s", root, path)
         return tuple(arrays)

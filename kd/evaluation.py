@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd.data import eval_batches
 from kd.device import autocast, numerics
-from kd.io import CorruptFile, cache_unwritable, file_sha256, load_checked, save_checked, save_json, set_aside
+from kd.io import cache_unwritable, file_sha256, load_kept, save_checked, save_json
 from kd.taps import TappedModel, tapped
 
 EMBED = "embed"
@@ -77,14 +77,9 @@ def teacher_predictions(model_cfg: DictConfig, model: torch.nn.Module, weights_s
            "images": images_sha256, "batch_size": batch_size, **numerics(images.device, dtype)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(directory) / "predictions" / f"{digest}.pt"
-    try:
-        return Predictions(**load_checked(path, map_location=images.device))
-    except FileNotFoundError:
-        pass
-    except CorruptFile as err:
-        set_aside(err, "computing the teacher's predictions again")
-    except Exception as err:  # unreadable: computed again below and replaced
-        set_aside(CorruptFile(path, f"unreadable ({err})"), "computing the teacher's predictions again")
+    kept = load_kept(path, "computing the teacher's predictions again", map_location=images.device)
+    if kept is not None:
+        return Predictions(**kept)
     predictions = compute()
     try:
         # racing jobs write the same bits
@@ -109,16 +104,7 @@ def keep_predictions(predictions: Predictions, weights: Path, images_sha256: str
 def kept_predictions(weights: Path, images_sha256: str, path: Path, device: torch.device) -> Predictions | None:
     """What `keep_predictions` saved, or None when there is none, it is unreadable, or the weights or the test
     images are not the ones it was made from."""
-    try:
-        kept = load_checked(path, map_location=device)
-    except FileNotFoundError:
-        return None
-    except CorruptFile as err:
-        set_aside(err, "evaluating the student's weights instead")
-        return None
-    except Exception as err:  # unreadable: the caller evaluates the weights itself
-        set_aside(CorruptFile(path, f"unreadable ({err})"), "evaluating the student's weights instead")
-        return None
-    if kept["key"] != _kept_key(weights, images_sha256):
+    kept = load_kept(path, "evaluating the student's weights instead", map_location=device)
+    if kept is None or kept["key"] != _kept_key(weights, images_sha256):
         return None
     return Predictions(kept["logits"], kept["embed"])

@@ -103,7 +103,22 @@ def load_checked(path: Path, map_location=None, weights_only: bool = True) -> An
     actual = hashlib.sha256(payload).hexdigest()
     if actual != expected:
         raise CorruptFile(path, f"its content's sha256 is {actual[:16]}..., not the {expected[:16]}... written with it")
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=weights_only)
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=weights_only)
+    except Exception as err:  # whole, but not what this harness wrote
+        raise CorruptFile(path, f"unreadable ({err})") from None
+
+
+def load_kept(path: Path, then: str, map_location=None) -> Any | None:
+    """A kept file that can be made again (a cache entry, predictions): what `save_checked` wrote, or None when it
+    is missing or damaged; a damaged one is set aside, saying that the caller will do `then` instead."""
+    try:
+        return load_checked(path, map_location=map_location)
+    except FileNotFoundError:
+        return None
+    except CorruptFile as err:
+        set_aside(err, then)
+        return None
 
 
 def set_aside(error: CorruptFile, then: str) -> Path:

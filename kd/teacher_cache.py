@@ -37,8 +37,7 @@ from omegaconf import DictConfig
 
 from kd.data import Splits
 from kd.device import Acceleration, autocast, numerics
-from kd.io import (CorruptFile, cache_unwritable, exclusive, load_checked, save_checked, save_json, set_aside,
-                   tensors_sha256)
+from kd.io import cache_unwritable, exclusive, load_kept, save_checked, save_json, tensors_sha256
 from kd.taps import Outputs, TappedModel, resolve
 from kd.validation import ConfigError
 
@@ -134,20 +133,11 @@ class TeacherCache:
     def _load(self, paths: dict[str, Path]) -> dict[str, torch.Tensor] | None:
         tensors = {}
         for name, path in paths.items():
-            try:
-                tensors[name] = load_checked(path, map_location=self.device)
-                with contextlib.suppress(OSError):  # a read-only cache (a team's shared one) is read all the same
-                    os.utime(path)  # the least recently used files go first when the cache is over its bound
-            except FileNotFoundError:
+            tensors[name] = load_kept(path, "computing the epoch's teacher outputs again", map_location=self.device)
+            if tensors[name] is None:  # missing, or damaged and set aside
                 return None
-            except PermissionError:  # another user's file: say so rather than delete it
-                raise
-            except CorruptFile as err:  # a changed byte, a damaged disk, a file from before checksums
-                set_aside(err, "computing the epoch's teacher outputs again")
-                return None
-            except Exception as err:  # unreadable
-                set_aside(CorruptFile(path, f"unreadable ({err})"), "computing the epoch's teacher outputs again")
-                return None
+            with contextlib.suppress(OSError):  # a read-only cache (a team's shared one) is read all the same
+                os.utime(path)  # the least recently used files go first when the cache is over its bound
         self.reused += 1
         return tensors
 
