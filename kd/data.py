@@ -18,6 +18,7 @@ import torch
 from hydra.utils import to_absolute_path
 
 from kd.io import cache_unwritable, exclusive, load_kept, save_checked, tensors_sha256
+from kd.progress import tracked
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def _decode(file: Path) -> torch.Tensor:
 
 def _decode_folder(folder: Path, classes: list[str], like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
-    for index, name in enumerate(classes):
+    for index, name in enumerate(tracked(classes, len(classes), f"decoding {folder}")):
         files = _visible(folder / name)
         if not files:
             raise DataError(f"class folder {folder / name} holds no images")

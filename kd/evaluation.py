@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd.data import eval_batches
 from kd.device import autocast, numerics
 from kd.io import cache_unwritable, file_sha256, load_kept, save_checked, save_json
+from kd.progress import tracked
 from kd.taps import TappedModel, tapped
 
 EMBED = "embed"
@@ -24,13 +25,16 @@ class Predictions:
 
 
 @torch.inference_mode()
-def predict(net: TappedModel, images: torch.Tensor, batch_size: int, dtype: torch.dtype) -> Predictions:
-    """Logits over a split, in eval mode, in the run's precision, and the embeddings where `net` taps `embed`."""
+def predict(net: TappedModel, images: torch.Tensor, batch_size: int, dtype: torch.dtype,
+            description: str = "") -> Predictions:
+    """Logits over a split, in eval mode, in the run's precision, and the embeddings where `net` taps `embed`;
+    a `description` shows the progress of a long pass."""
     was_training = net.training
     net.eval()
     logits, embed = [], []
     with autocast(images.device, dtype):
-        for x, _ in eval_batches(images, images, batch_size):
+        batches = eval_batches(images, images, batch_size)
+        for x, _ in tracked(batches, -(-len(images) // batch_size), description):
             out = net(x)
             logits.append(out.logits.float())
             if EMBED in out.features:
@@ -40,8 +44,8 @@ def predict(net: TappedModel, images: torch.Tensor, batch_size: int, dtype: torc
 
 
 def accuracy(model: TappedModel, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-             dtype: torch.dtype) -> float:
-    return logits_accuracy(predict(model, images, batch_size, dtype).logits, labels)
+             dtype: torch.dtype, description: str = "") -> float:
+    return logits_accuracy(predict(model, images, batch_size, dtype, description).logits, labels)
 
 
 def logits_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -51,25 +55,25 @@ def logits_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def embedded_predictions(model_cfg: DictConfig, model: torch.nn.Module, images: torch.Tensor, batch_size: int,
-                         dtype: torch.dtype) -> Predictions:
+                         dtype: torch.dtype, description: str = "") -> Predictions:
     """A model's logits and embeddings over a split, through its own normalisation and `embed` tap."""
     net = tapped(model_cfg, model, [EMBED])
     try:
-        return predict(net, images, batch_size, dtype)
+        return predict(net, images, batch_size, dtype, description)
     finally:
         net.close()
 
 
 def teacher_predictions(model_cfg: DictConfig, model: torch.nn.Module, weights_sha256: str, images: torch.Tensor,
                         images_sha256: str, batch_size: int, dtype: torch.dtype,
-                        directory: str | Path | None) -> Predictions:
+                        directory: str | Path | None, description: str = "") -> Predictions:
     """A frozen teacher's logits and embeddings on a whole split (whose images and labels hash to
     `images_sha256`: `tensors_sha256(images, labels)`), kept in `directory/predictions/` so that every later run
     and report with the same weights, architecture, normalisation, split, batch size and numerics reads them
     instead of evaluating the teacher again (a minute for ResNet-56 on 10,000 CPU images). No directory:
     computed."""
     def compute() -> Predictions:
-        return embedded_predictions(model_cfg, model, images, batch_size, dtype)
+        return embedded_predictions(model_cfg, model, images, batch_size, dtype, description)
     if directory is None:
         return compute()
     key = {"weights": weights_sha256, "arch": OmegaConf.to_container(model_cfg.arch, resolve=True),

@@ -2,7 +2,8 @@
 
 A W&B run that cannot reach its server within `init_timeout` seconds logs offline instead (syncable later
 with `wandb sync`) and says so in train.log. A run resumed in the same folder continues the same W&B run: the
-id is recorded in the run folder at its first launch.
+id is recorded in the run folder at its first launch. The run is named by what its launch overrode
+(`kd temperature=8 seed=1`), and its summary holds results.json's numbers: the best epoch's, not the last's.
 """
 from __future__ import annotations
 
@@ -10,21 +11,35 @@ import functools
 import logging
 import os
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+
 from kd.io import flatten
+from kd.run_folder import NOT_DECISIVE
 
 log = logging.getLogger(__name__)
 
+SEARCH_SWEEPER = "hydra_plugins.kd_sweeper.KDOptunaSweeper"
+TAG_LIMIT = 64  # W&B refuses longer tags
+# Group choices that never tell one run of a sweep from another: the method leads the name already, and a search
+# preset is the same for all its trials (nor do the NOT_DECISIVE keys: they do not change the result).
+UNLABELLED = ("method", "hparams_search")
+
 
 class NoLogger:
-    def start(self, config: dict, run_dir: Path, group: str, name: str, run_id: str) -> None:
+    def start(self, config: dict, run_dir: Path, group: str, method: str, run_id: str) -> None:
         pass
 
     def log_epoch(self, record: dict) -> None:
         pass
 
     def log_summary(self, results: dict) -> None:
+        pass
+
+    def log_student(self, student: Path, results: dict) -> None:
         pass
 
     def finish(self) -> None:
@@ -70,29 +85,85 @@ def logged_keys(results: dict) -> dict[str, set[str]]:
     return {"history": history, "summary": set(summary_record(results)) | history}
 
 
-class WandbLogger(NoLogger):
-    """Logs the config, one step per epoch (keys as in results.json's history) and the final summary.
+# ---------------------------------------------------------------- the run's name, job type and tags
 
-    `group` defaults to the sweep (all jobs of one multirun together), `name` to the method.
+@dataclass(frozen=True)
+class RunLabels:
+    name: str
+    job_type: str
+    tags: list[str]
+
+
+def run_labels(method: str, overrides: Sequence[str] = (), sweeper: str | None = None) -> RunLabels:
+    """Name and tags from the launch's overrides (`kd temperature=8 seed=1`), job type from its sweeper."""
+    shown = [o for o in overrides if not _unlabelled(_override_key(o))]
+    return RunLabels(name=" ".join([method, *map(_short_override, shown)]),
+                     job_type="search-trial" if sweeper == SEARCH_SWEEPER else "train",
+                     tags=[method, *(o[:TAG_LIMIT] for o in shown)])
+
+
+def hydra_run_labels(method: str) -> RunLabels:
+    """The labels of this Hydra job; outside Hydra (a direct `train(cfg)`), the method alone."""
+    if not HydraConfig.initialized():
+        return run_labels(method)
+    hydra = HydraConfig.get()
+    return run_labels(method, list(hydra.overrides.task), hydra.sweeper.get("_target_"))
+
+
+def _override_key(override: str) -> str:
+    """The config key an override sets: `+a.b=1` -> a.b, `model@model.teacher=x` -> model.teacher."""
+    return override.partition("=")[0].lstrip("+~").rpartition("@")[2]
+
+
+def _unlabelled(key: str) -> bool:
+    return key in UNLABELLED or any(key == k or key.startswith(k + ".") for k in NOT_DECISIVE)
+
+
+def _short_override(override: str) -> str:
+    """`method.loss.temperature=3.14159` -> `temperature=3.142`: the key's last part, floats to 4 digits, paths to
+    their file name."""
+    _, equals, value = override.partition("=")
+    key = _override_key(override).replace("/", ".").rpartition(".")[2]
+    return f"{key}={_short_value(value)}" if equals else override
+
+
+def _short_value(value: str) -> str:
+    try:
+        number = float(value)
+    except ValueError:
+        return value.rstrip("/").rpartition("/")[2] or value
+    return f"{number:.4g}" if any(c in value for c in ".eE") else value
+
+
+# ---------------------------------------------------------------- W&B
+
+class WandbLogger(NoLogger):
+    """Logs the config, one step per epoch (keys as in results.json's history), the final summary (results.json's
+    numbers) and, with `log_model`, the student's weights as a model artifact.
+
+    `group` defaults to the sweep (all jobs of one multirun together), `name` to the method and the launch's
+    overrides; `tags` are added to the method's and the overrides'. `quiet` keeps W&B's own console output off.
     """
 
     def __init__(self, project: str, mode: str, init_timeout: float, entity: str | None = None,
-                 group: str | None = None, name: str | None = None, tags: list[str] | None = None):
+                 group: str | None = None, name: str | None = None, tags: list[str] | None = None,
+                 quiet: bool = True, log_model: bool = False):
         self.settings = dict(project=project, mode=mode, entity=entity, group=group, name=name, tags=tags)
-        self.init_timeout = init_timeout
+        self.init_timeout, self.quiet, self.log_model = init_timeout, quiet, log_model
         self.run, self.failed = None, False
 
     @_never_raise
-    def start(self, config: dict, run_dir: Path, group: str, name: str, run_id: str) -> None:
+    def start(self, config: dict, run_dir: Path, group: str, method: str, run_id: str) -> None:
         import wandb
 
-        s = self.settings
+        s, labels = self.settings, hydra_run_labels(method)
         if os.environ.get("WANDB_SWEEP_ID"):  # under `wandb agent`: the run is the one the agent created for it
             run_id = None
+        tags = list(dict.fromkeys([*labels.tags, *(s["tags"] or [])]))
         init = functools.partial(wandb.init, project=s["project"], entity=s["entity"], config=config,
-                                 group=s["group"] or group, name=s["name"] or name, tags=s["tags"], id=run_id,
-                                 resume="allow", dir=str(run_dir), reinit="finish_previous",
-                                 settings=wandb.Settings(init_timeout=self.init_timeout))
+                                 group=s["group"] or group, name=s["name"] or labels.name, job_type=labels.job_type,
+                                 tags=tags, id=run_id, resume="allow", dir=str(run_dir), reinit="finish_previous",
+                                 settings=wandb.Settings(init_timeout=self.init_timeout, silent=bool(self.quiet)))
         try:
             self.run = init(mode=s["mode"])
         except Exception as err:
@@ -108,7 +179,9 @@ class WandbLogger(NoLogger):
     @_never_raise
     def log_epoch(self, record: dict) -> None:
         if self.run is not None:
-            self.run.log(epoch_record(record), step=record["epoch"])
+            # Committed now: an uncommitted last row would be flushed at finish(), after log_summary, and its
+            # last-epoch values would overwrite the best epoch's val_acc and train_acc in the summary.
+            self.run.log(epoch_record(record), step=record["epoch"], commit=True)
 
     @_never_raise
     def log_summary(self, results: dict) -> None:
@@ -116,6 +189,22 @@ class WandbLogger(NoLogger):
             self.run.summary.update(summary_record(results))
 
     @_never_raise
+    def log_student(self, student: Path, results: dict) -> None:
+        """With `log_model`: the student's weights file as a model artifact, with its method and accuracy."""
+        if self.run is None or not self.log_model:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"student-{self.run.id}", type="model",
+                                  metadata={k: results.get(k) for k in ("method", "val_acc", "test_acc", "best_epoch")})
+        artifact.add_file(str(student))
+        self.run.log_artifact(artifact)
+
+    @_never_raise
     def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
+        if self.run is None:
+            return
+        offline, name, sync_dir = self.run.offline, self.run.name, self.run.settings.sync_dir
+        self.run.finish()
+        if offline:  # W&B's own hint is silenced with logger.quiet
+            log.info("W&B run %r logged offline; upload it with `wandb sync %s`", name, sync_dir)

@@ -4,6 +4,9 @@ The README's method table is this output (a test keeps the two equal), so the fo
 """
 from __future__ import annotations
 
+import argparse
+import sys
+
 from omegaconf import OmegaConf
 
 from kd.config_groups import CONF, options
@@ -32,5 +35,14 @@ def table() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python -m kd.methods",
+                            description="Print the Markdown table of every method config in conf/method/ (its paper "
+                                        "and default hyperparameters), as the README's method table holds it."
+                            ).parse_args(argv)
     print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

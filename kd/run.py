@@ -12,23 +12,33 @@ from typing import Callable
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.utils import get_class, instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from kd import progress, teacher_cache
 from kd import teacher as teachers
-from kd import teacher_cache
-from kd.data import Splits, build_splits
+from kd.checkpoints import CheckpointMismatch
+from kd.data import DataError, Splits, build_splits
 from kd.device import Acceleration, choose_precision, resolve_device
 from kd.evaluation import accuracy, embedded_predictions, keep_predictions, logits_accuracy, teacher_predictions
-from kd.io import file_sha256, load_json, save_json, save_torch, tensors_sha256
+from kd.io import CorruptFile, file_sha256, load_json, save_json, save_torch, tensors_sha256
 from kd.losses.base import DistillationLoss, loss_factory
-from kd.run_folder import (CONFIG, FAILED, FINISHED, HYDRA, RESULTS, RUNNING, STATE, STUDENT, TEST_PREDICTIONS, claim,
-                           decisive_config, owned, wandb_group, write_status)
+from kd.run_folder import (CONFIG, FAILED, FINISHED, HYDRA, RESULTS, RUNNING, STATE, STUDENT, TEST_PREDICTIONS,
+                           RunFolderBusy, RunFolderMismatch, claim, decisive_config, owned, wandb_group, write_status)
 from kd.taps import TappedModel, probe_shapes, resolve, tapped
-from kd.trainer import Trainer
+from kd.trainer import NonFiniteLoss, Trainer
 from kd.validation import ConfigError, validate
 
 log = logging.getLogger(__name__)
+
+# Failures whose message says what was wrong and what to do: printed alone, without a traceback.
+KNOWN_FAILURES = (ConfigError, DataError, CheckpointMismatch, CorruptFile, RunFolderBusy, RunFolderMismatch,
+                  NonFiniteLoss)
+
+
+class RunFailed(CompactHydraException):
+    """A known failure as Hydra shows it: its message only, unless HYDRA_FULL_ERROR=1."""
 
 
 @dataclass
@@ -160,7 +170,7 @@ def teacher_accuracy(cfg: DictConfig, teacher_model: torch.nn.Module, weights_sh
     directory = to_absolute_path(cfg.teacher_cache.dir) if cfg.teacher_cache.enabled else None
     return {split: logits_accuracy(teacher_predictions(cfg.model.teacher, teacher_model, weights_sha256, x,
                                                        split_sha256[split], cfg.trainer.eval_batch_size, dtype,
-                                                       directory).logits, y)
+                                                       directory, f"teacher on the {split} split").logits, y)
             for split, x, y in (("test", splits.test_x, splits.test_y), ("val", splits.val_x, splits.val_y))}
 
 
@@ -180,6 +190,7 @@ def finished_results(run_dir: Path) -> dict | None:
 
 def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     prepared = prepare(cfg)
+    progress.configure(cfg.trainer.progress_bar)
     device, dtype = prepared.device, prepared.dtype
     log.info("precision %s: %s", str(dtype).removeprefix("torch."), prepared.precision_reason)
     splits = load_splits(cfg, device, cfg.data.train_subset)
@@ -212,13 +223,16 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     teacher.close()
     student.close()
 
-    evaluate = lambda x, y: accuracy(student, x, y, cfg.trainer.eval_batch_size, dtype)  # noqa: E731
-    test = embedded_predictions(cfg.model.student, student.model, splits.test_x, cfg.trainer.eval_batch_size, dtype)
+    def evaluate(split: str) -> float:
+        x, y = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
+        return accuracy(student, x, y, cfg.trainer.eval_batch_size, dtype, f"student on the {split} split")
+    test = embedded_predictions(cfg.model.student, student.model, splits.test_x, cfg.trainer.eval_batch_size, dtype,
+                                "student on the test split")
     test_acc = logits_accuracy(test.logits, splits.test_y)
     test_acc_last = test_acc  # without last-epoch weights the best epoch was the last: the same weights
     if result.last_student is not None:
         student.model.load_state_dict(result.last_student)
-        test_acc_last = evaluate(splits.test_x, splits.test_y)
+        test_acc_last = evaluate("test")
         student.model.load_state_dict(result.best_student)
     results = {
         "method": cfg.method.name,
@@ -227,7 +241,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
         "kd_epochs": cfg.kd_epochs,
         "train_time_sec": result.train_time_sec,
         "prepare_time_sec": result.prepare_time_sec,
-        "train_acc": evaluate(splits.train_x, splits.train_y),
+        "train_acc": evaluate("train"),
         "val_acc": result.best_val_acc,
         "test_acc": test_acc,
         "test_acc_last": test_acc_last,
@@ -252,7 +266,17 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     save_json(results, run_dir / RESULTS)
     (run_dir / STATE).unlink(missing_ok=True)
     logger.log_summary(results)
+    logger.log_student(run_dir / STUDENT, results)
     logger.finish()
-    summary = {k: results[k] for k in ("train_time_sec", "train_acc", "val_acc", "test_acc")}
-    log.info("%s", {"method": results["method_name"], **summary})
+    log.info("%s", finished_line(results, run_dir))
     return results
+
+
+def finished_line(results: dict, run_dir: Path) -> str:
+    """The one line a finished run prints: its test accuracy, how it was chosen, and where its files are."""
+    shown = run_dir.resolve()
+    if shown.is_relative_to(Path.cwd()):
+        shown = shown.relative_to(Path.cwd())
+    return (f"{results['method']}: test_acc {results['test_acc']:.4f} (best val_acc {results['val_acc']:.4f} at epoch "
+            f"{results['best_epoch']}/{results['kd_epochs']}; last epoch {results['test_acc_last']:.4f}), "
+            f"{results['train_time_sec']:.1f} s training -> {shown}")

@@ -37,7 +37,7 @@ LOCK = ".run.lock"
 # Keys that do not decide a run's result: logging, presentation, the teacher-output cache (results are the
 # same with it on or off) and the progress bar. Everything else (data, models, method, optimiser, epochs,
 # seed, device, precision, trainer switches) does.
-NOT_DECISIVE = ("logger", "teacher_cache", "data.source.cache_dir", "trainer.progress_bar", "method.display_name",
+NOT_DECISIVE = ("logger", "paths", "teacher_cache", "data.source.cache_dir", "trainer.progress_bar", "method.display_name",
                 "method.description", "method.formula", "method.paper")  # where a cache lives decides no result
 
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate, to_absolute_path
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from kd.checkpoints import load_weights
+from kd.checkpoints import CheckpointMismatch, load_weights
+from kd.config_groups import CONF
 from kd.data import DataError, Splits
 from kd.io import CorruptFile, exclusive, load_json_checked, save_json_checked, save_torch, set_aside
 from kd.losses.ce import CrossEntropy
+from kd.models.resnet_cifar import SHORTCUTS
 from kd.evaluation import accuracy
 from kd.taps import tapped
 from kd.trainer import Trainer
@@ -80,12 +82,57 @@ def check_trained_on(path: Path, identity: dict) -> None:
 
 def check_checkpoint(teacher_cfg: DictConfig) -> None:
     """A teacher checkpoint that exists must fit the teacher's architecture: checked before any data is decoded
-    (CheckpointMismatch names the keys and shapes that do not fit); a missing one is trained later."""
+    (CheckpointMismatch names the keys and shapes that do not fit, and the architecture option that would fit);
+    a missing one is trained later."""
     path = checkpoint_path(teacher_cfg)
-    if path.exists():
-        with torch.device("meta"):  # the architecture's shapes, without allocating or initialising weights
-            model = instantiate(teacher_cfg.arch)
-        load_weights(model, path, assign=True)
+    if not path.exists():
+        return
+    try:
+        _load_on_meta(teacher_cfg.arch, path)
+    except CheckpointMismatch as err:
+        fits = _fitting_shortcut(teacher_cfg.arch, path)
+        if fits is None:
+            raise
+        raise CheckpointMismatch(f"{err}. The file fits shortcut={fits!r}, not the configured "
+                                 f"{teacher_cfg.arch.shortcut!r}: run with model.teacher.arch.shortcut={fits}") from None
+    note_foreign_normalization(teacher_cfg, path)
+
+
+def _load_on_meta(arch: DictConfig, path: Path) -> None:
+    with torch.device("meta"):  # the architecture's shapes, without allocating or initialising weights
+        model = instantiate(arch)
+    load_weights(model, path, assign=True)
+
+
+def _fitting_shortcut(arch: DictConfig, path: Path) -> str | None:
+    """The other shortcut form, when the checkpoint loads into it (the CIFAR ResNets' option A vs projection)."""
+    if "shortcut" not in arch:
+        return None
+    for shortcut in SHORTCUTS:
+        if shortcut != arch.shortcut:
+            try:
+                _load_on_meta(OmegaConf.merge(arch, {"shortcut": shortcut}), path)
+                return shortcut
+            except (CheckpointMismatch, ValueError):
+                pass
+    return None
+
+
+def note_foreign_normalization(teacher_cfg: DictConfig, path: Path) -> None:
+    """A checkpoint from elsewhere was trained on inputs normalised as its model file says; a preset that gives the
+    teacher other statistics (the CIFAR-100 recipes do) costs accuracy without failing, so say it."""
+    model_file = CONF / "model" / f"{teacher_cfg.name}.yaml"
+    if training_record(path) is not None or not model_file.is_file():
+        return
+    own = OmegaConf.load(model_file).get("normalization")
+    given = teacher_cfg.get("normalization")
+    if own is not None and given is not None and OmegaConf.to_container(own) != OmegaConf.to_container(given):
+        mean, std = ("[" + ",".join(str(v) for v in own[k]) + "]" for k in ("mean", "std"))
+        log.warning("teacher %s from %s is normalised with mean %s std %s, not the statistics its model file "
+                    "conf/model/%s.yaml gives (mean %s std %s); a checkpoint trained elsewhere loses accuracy on other "
+                    "statistics: model.teacher.normalization.mean=%s model.teacher.normalization.std=%s restores "
+                    "them", teacher_cfg.name, path, list(given.mean), list(given.std), teacher_cfg.name, mean, std,
+                    mean, std)
 
 
 def load_or_train(cfg: DictConfig, splits: Splits, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

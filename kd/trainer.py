@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from kd.batchnorm_folding import fold_batchnorm
 from kd.data import Batch, DeviceLoader, Progress, Splits
@@ -30,6 +29,7 @@ from kd.evaluation import accuracy
 from kd.io import CorruptFile, Unchecked, load_checked, save_checked, set_aside
 from kd.losses.base import DistillationLoss, LossParts, Preparation
 from kd.taps import Outputs, TappedModel
+from kd.progress import tracked
 from kd.teacher_cache import EpochOutputs, TeacherCache, compute_epoch
 
 log = logging.getLogger(__name__)
@@ -171,15 +171,17 @@ class Trainer:
         if self.teacher is None or self.teacher_cache is None:
             return None
         return self.teacher_cache.epoch(
-            epoch, lambda: compute_epoch(self.teacher, self.loader.epoch(epoch), self.device, self.dtype))
+            epoch, lambda: compute_epoch(self.teacher, tracked(self.loader.epoch(epoch), len(self.loader),
+                                                              f"teacher outputs for epoch {epoch + 1} (teacher cache)"),
+                                  self.device, self.dtype))
 
     def _batches(self, epoch: int):
         """The epoch's training batches, each with its progress through the run and the teacher's outputs."""
         cached = self._cached_teacher_epoch(epoch)
         steps = len(self.loader)
         done = epoch + torch.arange(1, steps + 1, device=self.device) / steps  # each step's epochs done, on the device
-        batches = tqdm(self.loader.epoch(epoch), total=steps, leave=False,
-                       desc=f"{self.label} {epoch + 1}/{self.epochs}", disable=None if self.progress else True)
+        batches = tracked(self.loader.epoch(epoch), steps,
+                          f"{self.label} epoch {epoch + 1}/{self.epochs}" if self.progress else "")
         for step, batch in enumerate(batches):
             teacher = self._teacher_outputs(batch.images) if cached is None else cached.batch(step)
             yield batch.at(Progress(epoch, step, steps, self.epochs, done[step])), teacher

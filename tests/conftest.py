@@ -24,6 +24,12 @@ CONF = ROOT / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
+@pytest.fixture(autouse=True)
+def files_in_the_test_folder(tmp_path, monkeypatch):
+    """`paths.root` (teachers, caches, outputs) is each test's own folder, never the project's."""
+    monkeypatch.setenv("KD_ROOT", str(tmp_path))
+
+
 # Small, fast runs on generated data; a test adds what it is about.
 TINY = ["data=synthetic", "data.source.num_train=300", "data.source.num_test=200", "logger=none",
         "trainer.progress_bar=false", "device=cpu", "trainer.precision=fp32"]  # fp32 on any CPU: the same numbers

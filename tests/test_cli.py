@@ -23,10 +23,10 @@ def test_single_run_writes_config_log_results_and_weights(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0] == "Vanilla KD (Hinton et al. 2015)"
     assert any(line.startswith("teacher smallnet test_acc") for line in lines)
-    summary = lines[-1]
-    assert summary.startswith("{'method': 'Vanilla KD (Hinton et al. 2015)', 'train_time_sec': ")
-    assert all(key in summary for key in ("'train_acc'", "'val_acc'", "'test_acc'"))
     results = json.loads((run_dir / "results.json").read_text())
+    assert lines[-1] == (f"kd: test_acc {results['test_acc']:.4f} (best val_acc {results['val_acc']:.4f} at epoch "
+                         f"{results['best_epoch']}/2; last epoch {results['test_acc_last']:.4f}), "
+                         f"{results['train_time_sec']:.1f} s training -> run")
     assert RESULT_KEYS <= set(results) and results["method"] == "kd" and results["seed"] == 1
     assert results["test_acc"] > 0.5  # chance is 0.1; seen 0.795-0.95 across CPU runs
     assert len(results["history"]) == 2 and {"loss", "train_acc", "val_acc", "seconds"} <= set(results["history"][0])

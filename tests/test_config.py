@@ -1,13 +1,16 @@
 """The real configs compose for every option, every method's YAML is complete, and kd_epochs is the one source of
 the student's epochs."""
 import importlib
+import shutil
+import subprocess
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF, METHODS, MODELS, compose_config
+from conftest import CONF, METHODS, MODELS, ROOT, compose_config
 from kd.losses.base import DistillationLoss, loss_factory
 
 GROUPS = {"data": "data", "model@model.teacher": "model", "model@model.student": "model", "optim": "optim",
@@ -51,10 +54,10 @@ def test_each_model_names_its_stages_under_the_common_keys(model):
     assert {"stem", "feat", "embed"} <= set(taps) and taps.feat == taps[stages[-1]]
 
 
-def test_one_model_group_selected_twice_with_the_teacher_checkpoint_in_one_place():
+def test_one_model_group_selected_twice_with_the_teacher_checkpoint_in_one_place(tmp_path):
     cfg = compose_config(["model@model.teacher=resnet56", "model@model.student=resnet20", "data=synthetic"])
     assert cfg.model.teacher.name == "resnet56" and cfg.model.student.name == "resnet20"
-    assert cfg.model.teacher.ckpt == "checkpoints/teachers/resnet56_synthetic.pt"
+    assert cfg.model.teacher.ckpt == str(tmp_path / "checkpoints/teachers/resnet56_synthetic.pt")  # KD_ROOT: conftest
     assert "ckpt" not in cfg.model.student
     # the default path, and the CIFAR-100 benchmark's own teacher folder
     assert sorted(str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml") if "ckpt:" in p.read_text()) == \
@@ -113,3 +116,33 @@ def test_a_preset_is_the_fields_recipe_for_its_pair_and_the_command_line_still_w
     short = compose_config(["experiment=resnet56_resnet20", "kd_epochs=24"])
     scheduler = instantiate(short.optim.scheduler)(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05))
     assert short.kd_epochs == 24 and scheduler.milestones == {15: 1, 18: 1, 21: 1}
+
+
+def test_every_kept_file_starts_at_the_project_folder_wherever_train_py_is_launched(tmp_path, monkeypatch):
+    monkeypatch.delenv("KD_ROOT")
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["data=imagefolder", "data.root=images"], return_hydra_config=True)
+    kept = {"teacher": cfg.model.teacher.ckpt, "teacher cache": cfg.teacher_cache.dir,
+            "decoded images": cfg.data.source.cache_dir, "runs": cfg.hydra.run.dir, "sweeps": cfg.hydra.sweep.dir}
+    assert cfg.paths.root == str(ROOT)
+    assert {k: v for k, v in kept.items() if not v.startswith(str(ROOT) + "/")} == {}
+    assert cfg.data.root == "images"  # given on the command line: from the launch folder, as the user meant
+
+
+def test_a_machines_own_settings_in_conf_local_apply_last(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf, ignore=shutil.ignore_patterns("local"))
+    (conf / "local").mkdir()
+    (conf / "local" / "default.yaml").write_text("# @package _global_\npaths:\n  caches: /scratch/kd\n"
+                                                 "trainer:\n  eval_batch_size: 7\n")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=resnet56_resnet20"])
+    assert cfg.teacher_cache.dir == "/scratch/kd/teacher-cache" and cfg.trainer.eval_batch_size == 7
+    assert cfg.model.teacher.ckpt.startswith(str(tmp_path / "checkpoints/teachers/cifar100-benchmark/"))
+
+
+def test_the_machines_own_settings_are_never_committed():
+    ignored = subprocess.run(["git", "check-ignore", "conf/local/default.yaml"], cwd=ROOT, capture_output=True)
+    kept = subprocess.run(["git", "check-ignore", "conf/local/README.md"], cwd=ROOT, capture_output=True)
+    assert ignored.returncode == 0 and kept.returncode == 1

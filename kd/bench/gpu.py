@@ -18,6 +18,7 @@ in conf/bench/default.yaml (with the rest of `bench.*`); any key of the run's co
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -433,5 +434,16 @@ def sweep_summary(part: str, cfg: DictConfig, folder: Path, start: float, busy: 
 # The parts, in the order the default runs them.
 PART = {"smoke": smoke, "steps": steps, "sweep_sequential": sweep_sequential, "sweep_parallel": sweep_parallel}
 
-if __name__ == "__main__":  # one part, started by the check: python -m kd.bench.gpu PART FOLDER [overrides]
-    part_main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
+def parse_part_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m kd.bench.gpu",
+                                     description="One part of `python -m kd.bench gpu`, which starts it in a process "
+                                                 "of its own; run `python -m kd.bench gpu` instead.")
+    parser.add_argument("part", choices=list(PART))
+    parser.add_argument("folder", type=Path, help="the check's folder; the part works in FOLDER/PART")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the benchmark's config")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_part_args(sys.argv[1:])
+    part_main(args.part, args.folder, args.overrides)

@@ -3,6 +3,7 @@ this launch folder: its checkpoint, sha256, the accuracies recorded when it was 
 that trains the missing ones (one job per distinct teacher, through any launcher)."""
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from pathlib import Path
@@ -37,7 +38,12 @@ def describe(entry: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    overrides = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m kd.teachers",
+        description="List every teacher the experiment presets (and the default config) use, for this launch folder: "
+                    "its checkpoint, sha256, recorded accuracies, and the command that trains the missing ones.")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every preset, e.g. data=cifar10")
+    overrides = parser.parse_args(argv).overrides
     rows = [describe(entry) for entry in known_teachers(overrides)]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"{'teacher':<12} {'data':<12} {'state':<13} {'sha256':<17} {'val_acc':>8} {'test_acc':>8}  checkpoint (presets)")
