@@ -12,10 +12,12 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
 from kd.io import flatten
 from kd.run_folder import NOT_DECISIVE
@@ -107,7 +109,23 @@ def hydra_run_labels(method: str) -> RunLabels:
     if not HydraConfig.initialized():
         return run_labels(method)
     hydra = HydraConfig.get()
-    return run_labels(method, list(hydra.overrides.task), hydra.sweeper.get("_target_"))
+    overrides = list(hydra.overrides.task)
+    swept = swept_keys(hydra)
+    named = [o for o in overrides if _override_key(o) in swept] if swept else overrides
+    labels = run_labels(method, named, hydra.sweeper.get("_target_"))
+    return replace(labels, tags=run_labels(method, overrides).tags)
+
+
+def swept_keys(hydra: DictConfig) -> set[str]:
+    """The keys a multirun varies (`method=kd,dkd`, `seed=range(3)`, a search's space), as its launch command gave
+    them in the sweep folder's `multirun.yaml`: what tells its runs apart. Empty outside a multirun."""
+    keys = {_override_key(k) for k in hydra.sweeper.get("params") or {}}
+    try:
+        launched = OmegaConf.load(Path(hydra.sweep.dir) / "multirun.yaml").hydra.overrides.task
+    except (FileNotFoundError, TypeError, AttributeError):
+        return keys
+    parsed = OverridesParser.create().parse_overrides(list(launched))
+    return keys | {_override_key(o.input_line) for o in parsed if o.is_sweep_override()}
 
 
 def _override_key(override: str) -> str:

@@ -1,34 +1,30 @@
-"""One run, end to end: check the config, load data and teacher, distil the student, write the results.
-
-`prepare` and `build_networks` are the run's setup, shared with `python -m kd.bench`.
-"""
+"""One run, end to end: claim its folder, check the config, load data and teacher, distil the student, score it,
+write the results. The setup it shares with the benchmark and the teacher tools is kd/setup.py."""
 from __future__ import annotations
 
 import logging
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
-from hydra.utils import get_class, instantiate, to_absolute_path
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kd import progress, teacher_cache
 from kd import teacher as teachers
 from kd.checkpoints import CheckpointMismatch
-from kd.data import DataError, Splits, build_splits
-from kd.device import Acceleration, choose_precision, resolve_device
-from kd.evaluation import accuracy, embedded_predictions, keep_predictions, logits_accuracy, teacher_predictions
-from kd.io import CorruptFile, file_sha256, load_json, save_json, save_torch, tensors_sha256
-from kd.losses.base import DistillationLoss, loss_factory
+from kd.data import DataError, Splits
+from kd.evaluation import Predictions, accuracy, embedded_predictions, keep_predictions, logits_accuracy
+from kd.io import CorruptFile, file_sha256, load_json, save_json, save_torch
 from kd.run_folder import (CONFIG, FAILED, FINISHED, HYDRA, RESULTS, RUNNING, STATE, STUDENT, TEST_PREDICTIONS,
                            RunFolderBusy, RunFolderMismatch, claim, decisive_config, owned, wandb_group, write_status)
-from kd.taps import TappedModel, probe_shapes, resolve, tapped
-from kd.trainer import NonFiniteLoss, Trainer
-from kd.validation import ConfigError, validate
+from kd.setup import Prepared, build_networks, load_splits, prepare, split_digests, teacher_accuracy
+from kd.taps import TappedModel
+from kd.trainer import TrainResult, NonFiniteLoss, Trainer, TrainerSettings
+from kd.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,58 +35,6 @@ KNOWN_FAILURES = (ConfigError, DataError, CheckpointMismatch, CorruptFile, RunFo
 
 class RunFailed(CompactHydraException):
     """A known failure as Hydra shows it: its message only, unless HYDRA_FULL_ERROR=1."""
-
-
-@dataclass
-class Prepared:
-    """What a run has settled before any expensive work: where it runs, and how to build its loss."""
-
-    device: torch.device
-    dtype: torch.dtype
-    acceleration: Acceleration
-    loss_factory: Callable[..., DistillationLoss]
-    precision_reason: str = ""
-
-
-def prepare(cfg: DictConfig) -> Prepared:
-    """Every check that needs no data and no teacher: bad input fails here, before any decoding or training."""
-    validate(cfg)
-    device = resolve_device(cfg.device)
-    dtype, precision_reason = choose_precision(cfg.trainer.precision, device)
-    if dtype == torch.float16 and hasattr(get_class(cfg.optim.optimizer._target_), "step_parts"):
-        raise ConfigError(f"optim={cfg.optim.name} treats the task and distillation gradients apart, which the fp16 "
-                          f"gradient scaler does not ({precision_reason}); use trainer.precision=fp32")
-    acceleration = Acceleration.from_config(cfg.trainer)
-    teacher_cache.check_settings(cfg.teacher_cache)
-    teachers.check_checkpoint(cfg.model.teacher)
-    try:
-        factory = loss_factory(cfg.method.loss)
-        for role in ("student", "teacher"):
-            for name in cfg.method.taps:
-                resolve(name, cfg.model[role].taps, cfg.model[role].name)
-    except ValueError as err:
-        raise ConfigError(f"method={cfg.method.name}: {err}") from None
-    return Prepared(device, dtype, acceleration, factory, precision_reason)
-
-
-def load_splits(cfg: DictConfig, device: torch.device, train_subset: int | None) -> Splits:
-    data = cfg.data
-    load_source = instantiate(data.source, _partial_=True)  # called here so its DataError is not wrapped
-    return build_splits(load_source(), data.val_fraction, data.split_seed, data.num_classes, train_subset, device)
-
-
-def build_networks(cfg: DictConfig, prepared: Prepared, teacher_model: torch.nn.Module, train_labels: torch.Tensor,
-                   normalize: bool = True) -> tuple[TappedModel, TappedModel, DistillationLoss]:
-    """The student (initialised from `seed`), the teacher, both with the method's taps, and the loss sized for
-    them. `normalize=False` leaves the input normalisation to the caller (the benchmark's classic loop)."""
-    taps = list(cfg.method.taps)
-    teacher = tapped(cfg.model.teacher, teacher_model, taps, normalize)
-    torch.manual_seed(cfg.seed)
-    student = tapped(cfg.model.student, instantiate(cfg.model.student.arch).to(prepared.device), taps, normalize)
-    shapes = {"student": probe_shapes(student, prepared.device), "teacher": probe_shapes(teacher, prepared.device)}
-    loss = prepared.loss_factory(feature_shapes=shapes, num_classes=cfg.data.num_classes, num_train=len(train_labels),
-                                 train_labels=train_labels, teacher_model=teacher_model, teacher_taps=dict(teacher.taps))
-    return student, teacher, loss.to(prepared.device)
 
 
 def run_dir_and_group() -> tuple[Path, str]:
@@ -158,22 +102,6 @@ def _train_owned(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> di
     return results
 
 
-def split_digests(splits: Splits) -> dict[str, str]:
-    """The sha256 of the test and of the validation split (images and labels): what kept predictions are keyed by."""
-    return {"test": tensors_sha256(splits.test_x, splits.test_y), "val": tensors_sha256(splits.val_x, splits.val_y)}
-
-
-def teacher_accuracy(cfg: DictConfig, teacher_model: torch.nn.Module, weights_sha256: str, splits: Splits,
-                     split_sha256: dict[str, str], dtype: torch.dtype) -> dict[str, float]:
-    """The teacher's test and validation accuracy, from its predictions kept in the teacher cache (computed there
-    once per teacher and split)."""
-    directory = to_absolute_path(cfg.teacher_cache.dir) if cfg.teacher_cache.enabled else None
-    return {split: logits_accuracy(teacher_predictions(cfg.model.teacher, teacher_model, weights_sha256, x,
-                                                       split_sha256[split], cfg.trainer.eval_batch_size, dtype,
-                                                       directory, f"teacher on the {split} split").logits, y)
-            for split, x, y in (("test", splits.test_x, splits.test_y), ("val", splits.val_x, splits.val_y))}
-
-
 def finished_results(run_dir: Path) -> dict | None:
     """The folder's results, or None; an unreadable results.json is moved aside, so the run trains again."""
     path = run_dir / RESULTS
@@ -191,78 +119,43 @@ def finished_results(run_dir: Path) -> dict | None:
 def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     prepared = prepare(cfg)
     progress.configure(cfg.trainer.progress_bar)
-    device, dtype = prepared.device, prepared.dtype
-    log.info("precision %s: %s", str(dtype).removeprefix("torch."), prepared.precision_reason)
-    splits = load_splits(cfg, device, cfg.data.train_subset)
+    log.info("precision %s: %s", str(prepared.dtype).removeprefix("torch."), prepared.precision_reason)
+    splits = load_splits(cfg, prepared.device, cfg.data.train_subset)
     log.info("data %s: %d train, %d val, %d test images on %s", cfg.data.name, len(splits.train_y),
-             len(splits.val_y), len(splits.test_y), device)
+             len(splits.val_y), len(splits.test_y), prepared.device)
 
-    teacher_model = teachers.load_or_train(cfg, splits, device, dtype)
+    teacher_model = teachers.load_or_train(cfg, splits, prepared.device, prepared.dtype)
     student, teacher, loss_fn = build_networks(cfg, prepared, teacher_model, splits.train_y)
     teacher_sha256 = file_sha256(teachers.checkpoint_path(cfg.model.teacher))
     split_sha256 = split_digests(splits)
-    teacher_acc = teacher_accuracy(cfg, teacher_model, teacher_sha256, splits, split_sha256, dtype)
+    teacher_acc = teacher_accuracy(cfg, teacher_model, teacher_sha256, splits, split_sha256, prepared.dtype)
     log.info("teacher %s test_acc %.4f", cfg.model.teacher.name, teacher_acc["test"])
     if loss_fn.scale_note():
         log.info("%s", loss_fn.scale_note())
 
-    cache = teacher_cache.from_config(cfg, splits, teacher_sha256, device, dtype,
+    cache = teacher_cache.from_config(cfg, splits, teacher_sha256, prepared.device, prepared.dtype,
                                       prepared.acceleration) if loss_fn.needs_teacher else None
     logger = instantiate(cfg.logger)
     logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir, group, cfg.method.name, record["wandb_id"])
 
-    def on_epoch(record: dict) -> None:
-        logger.log_epoch(record)
-        write_status(run_dir, RUNNING, epochs_done=record["epoch"])
+    def on_epoch(epoch: dict) -> None:
+        logger.log_epoch(epoch)
+        write_status(run_dir, RUNNING, epochs_done=epoch["epoch"])
 
-    trainer = Trainer(student, loss_fn, teacher if loss_fn.needs_teacher else None, splits, cfg.optim,
-                      cfg.kd_epochs, cfg.seed, dtype, cfg.trainer.eval_batch_size, label=cfg.method.name,
-                      state_path=run_dir / STATE, on_epoch=on_epoch, progress=cfg.trainer.progress_bar,
-                      teacher_cache=cache, acceleration=prepared.acceleration, state_key=record["fingerprint"])
-    result = trainer.fit()
+    trainer = Trainer(student, loss_fn, teacher if loss_fn.needs_teacher else None, splits,
+                      TrainerSettings.for_run(cfg, prepared.dtype, prepared.acceleration), state_path=run_dir / STATE,
+                      on_epoch=on_epoch, teacher_cache=cache, state_key=record["fingerprint"])
+    fitted = trainer.fit()
     teacher.close()
     student.close()
 
-    def evaluate(split: str) -> float:
-        x, y = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
-        return accuracy(student, x, y, cfg.trainer.eval_batch_size, dtype, f"student on the {split} split")
-    test = embedded_predictions(cfg.model.student, student.model, splits.test_x, cfg.trainer.eval_batch_size, dtype,
-                                "student on the test split")
-    test_acc = logits_accuracy(test.logits, splits.test_y)
-    test_acc_last = test_acc  # without last-epoch weights the best epoch was the last: the same weights
-    if result.last_student is not None:
-        student.model.load_state_dict(result.last_student)
-        test_acc_last = evaluate("test")
-        student.model.load_state_dict(result.best_student)
-    results = {
-        "method": cfg.method.name,
-        "method_name": cfg.method.display_name,
-        "seed": cfg.seed,
-        "kd_epochs": cfg.kd_epochs,
-        "train_time_sec": result.train_time_sec,
-        "prepare_time_sec": result.prepare_time_sec,
-        "train_acc": evaluate("train"),
-        "val_acc": result.best_val_acc,
-        "test_acc": test_acc,
-        "test_acc_last": test_acc_last,
-        "best_epoch": result.best_epoch,
-        "resumed_from_epoch": result.resumed_from_epoch,
-        "history": result.history,
-        "teacher": {"arch": cfg.model.teacher.name, "ckpt": str(teachers.checkpoint_path(cfg.model.teacher)),
-                    "test_acc": teacher_acc["test"], "val_acc": teacher_acc["val"]},
-        "student": {"arch": cfg.model.student.name,
-                    "params": sum(p.numel() for p in student.model.parameters())},
-        "data": {"name": cfg.data.name, "train": len(splits.train_y), "val": len(splits.val_y),
-                 "test": len(splits.test_y)},
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "host": platform.node(),
-        "precision": str(dtype).removeprefix("torch."),
-        "teacher_cache": cache.summary() if cache else teacher_cache.not_used(cfg.teacher_cache.enabled),
-        "fingerprint": record["fingerprint"],
-    }
+    scores = score_student(cfg, student, splits, fitted, prepared.dtype)
+    results = results_record(cfg, splits, fitted, scores, teacher_acc, student.model, prepared,
+                             cache.summary() if cache else teacher_cache.not_used(cfg.teacher_cache.enabled),
+                             record["fingerprint"])
     save_torch({"state_dict": student.model.state_dict(), "loss_state_dict": loss_fn.state_dict(),
-                "arch": cfg.model.student.name, "best_epoch": result.best_epoch}, run_dir / STUDENT)
-    keep_predictions(test, run_dir / STUDENT, split_sha256["test"], run_dir / TEST_PREDICTIONS)
+                "arch": cfg.model.student.name, "best_epoch": fitted.best_epoch}, run_dir / STUDENT)
+    keep_predictions(scores.test, run_dir / STUDENT, split_sha256["test"], run_dir / TEST_PREDICTIONS)
     save_json(results, run_dir / RESULTS)
     (run_dir / STATE).unlink(missing_ok=True)
     logger.log_summary(results)
@@ -270,6 +163,63 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     logger.finish()
     log.info("%s", finished_line(results, run_dir))
     return results
+
+
+@dataclass
+class StudentScores:
+    test: Predictions       # the best epoch's weights on the test split (kept beside them for the report)
+    test_acc: float
+    test_acc_last: float    # the last epoch's weights
+    train_acc: float
+
+
+def score_student(cfg: DictConfig, student: TappedModel, splits: Splits, fitted: TrainResult,
+                  dtype: torch.dtype) -> StudentScores:
+    """The student's accuracies with the best epoch's weights (which it keeps), and the last epoch's on test."""
+    def evaluate(split: str) -> float:
+        x, y = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
+        return accuracy(student, x, y, cfg.trainer.eval_batch_size, dtype, f"student on the {split} split")
+    test = embedded_predictions(cfg.model.student, student.model, splits.test_x, cfg.trainer.eval_batch_size, dtype,
+                                "student on the test split")
+    test_acc = logits_accuracy(test.logits, splits.test_y)
+    test_acc_last = test_acc  # without last-epoch weights the best epoch was the last: the same weights
+    if fitted.last_student is not None:
+        student.model.load_state_dict(fitted.last_student)
+        test_acc_last = evaluate("test")
+        student.model.load_state_dict(fitted.best_student)
+    return StudentScores(test, test_acc, test_acc_last, evaluate("train"))
+
+
+def results_record(cfg: DictConfig, splits: Splits, fitted: TrainResult, scores: StudentScores,
+                   teacher_acc: dict[str, float], student: torch.nn.Module, prepared: Prepared, cache_summary: dict,
+                   fingerprint: str) -> dict:
+    """results.json: every key a finished run records, in one place."""
+    device = prepared.device
+    return {
+        "method": cfg.method.name,
+        "method_name": cfg.method.display_name,
+        "seed": cfg.seed,
+        "kd_epochs": cfg.kd_epochs,
+        "train_time_sec": fitted.train_time_sec,
+        "prepare_time_sec": fitted.prepare_time_sec,
+        "train_acc": scores.train_acc,
+        "val_acc": fitted.best_val_acc,
+        "test_acc": scores.test_acc,
+        "test_acc_last": scores.test_acc_last,
+        "best_epoch": fitted.best_epoch,
+        "resumed_from_epoch": fitted.resumed_from_epoch,
+        "history": fitted.history,
+        "teacher": {"arch": cfg.model.teacher.name, "ckpt": str(teachers.checkpoint_path(cfg.model.teacher)),
+                    "test_acc": teacher_acc["test"], "val_acc": teacher_acc["val"]},
+        "student": {"arch": cfg.model.student.name, "params": sum(p.numel() for p in student.parameters())},
+        "data": {"name": cfg.data.name, "train": len(splits.train_y), "val": len(splits.val_y),
+                 "test": len(splits.test_y)},
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "host": platform.node(),
+        "precision": str(prepared.dtype).removeprefix("torch."),
+        "teacher_cache": cache_summary,
+        "fingerprint": fingerprint,
+    }
 
 
 def finished_line(results: dict, run_dir: Path) -> str:

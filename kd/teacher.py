@@ -21,7 +21,7 @@ from kd.losses.ce import CrossEntropy
 from kd.models.resnet_cifar import SHORTCUTS
 from kd.evaluation import accuracy
 from kd.taps import tapped
-from kd.trainer import Trainer
+from kd.trainer import Trainer, TrainerSettings
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +157,9 @@ def _train(cfg: DictConfig, model: torch.nn.Module, path: Path, splits: Splits, 
              path, cfg.model.teacher.name, recipe.epochs)
     torch.manual_seed(recipe.seed)
     net = tapped(cfg.model.teacher, model.to(device), [])
-    trainer = Trainer(net, CrossEntropy(), None, splits, recipe.optim, recipe.epochs, recipe.seed, dtype,
-                      cfg.trainer.eval_batch_size, label=f"teacher {cfg.model.teacher.name}",
-                      state_path=path.with_name(path.name + ".training-state"), progress=cfg.trainer.progress_bar)
+    settings = TrainerSettings(recipe.optim, recipe.epochs, recipe.seed, dtype, cfg.trainer.eval_batch_size,
+                               f"teacher {cfg.model.teacher.name}", cfg.trainer.progress_bar)
+    trainer = Trainer(net, CrossEntropy(), None, splits, settings, state_path=path.with_name(path.name + ".training-state"))
     result = trainer.fit()
     test_acc = accuracy(net, splits.test_x, splits.test_y, cfg.trainer.eval_batch_size, dtype)
     net.close()

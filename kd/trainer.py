@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -83,23 +83,45 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass(frozen=True)
+class TrainerSettings:
+    """How the trainer runs, apart from the networks, the loss and the data: `for_run` builds them from a run's
+    config, the one place that reads those keys."""
+
+    optim: DictConfig
+    epochs: int
+    seed: int
+    dtype: torch.dtype = torch.float32
+    eval_batch_size: int = 1000
+    label: str = "student"                # what the epoch lines and the progress start with
+    progress: bool = True
+    acceleration: Acceleration = Acceleration()
+
+    @classmethod
+    def for_run(cls, cfg: DictConfig, dtype: torch.dtype, acceleration: Acceleration, **changes) -> "TrainerSettings":
+        """The distillation run's settings (`changes`: fields set otherwise, e.g. the benchmark's progress=False)."""
+        settings = cls(cfg.optim, cfg.kd_epochs, cfg.seed, dtype, cfg.trainer.eval_batch_size, cfg.method.name,
+                       cfg.trainer.progress_bar, acceleration)
+        return replace(settings, **changes)
+
+
 class Trainer:
     def __init__(self, student: TappedModel, loss_fn: DistillationLoss, teacher: TappedModel | None,
-                 splits: Splits, optim: DictConfig, epochs: int, seed: int, dtype: torch.dtype,
-                 eval_batch_size: int, label: str, state_path: Path | None = None,
-                 on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
-                 teacher_cache: TeacherCache | None = None, acceleration: Acceleration = Acceleration(),
+                 splits: Splits, settings: TrainerSettings, state_path: Path | None = None,
+                 on_epoch: Callable[[dict], None] | None = None, teacher_cache: TeacherCache | None = None,
                  state_key: str | None = None):
+        optim, seed, acceleration = settings.optim, settings.seed, settings.acceleration
         self.student, self.loss_fn, self.teacher, self.splits = student, loss_fn, teacher, splits
-        self.epochs, self.dtype, self.eval_batch_size, self.label = epochs, dtype, eval_batch_size, label
-        self.state_path, self.on_epoch, self.progress = state_path, on_epoch, progress
+        self.epochs, self.dtype, self.eval_batch_size = settings.epochs, settings.dtype, settings.eval_batch_size
+        self.label, self.progress = settings.label, settings.progress
+        self.state_path, self.on_epoch = state_path, on_epoch
         self.state_key = state_key  # what the state belongs to (the run's config fingerprint): checked on resume
         self.device = splits.train_x.device
         self.loader = DeviceLoader(splits.train_x, splits.train_y, optim.batch_size, seed)
         params = [p for p in [*student.parameters(), *loss_fn.parameters()] if p.requires_grad]
         self.optimizer = instantiate(optim.optimizer)(params)
         # fp16 (older GPUs) scales the loss so that small gradients do not underflow; disabled, it does nothing
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.scheduler = instantiate(optim.scheduler)(self.optimizer)
         self.teacher_cache = teacher_cache
         if teacher is not None:

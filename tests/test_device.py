@@ -43,7 +43,7 @@ def test_auto_precision_on_a_gpu_is_bf16_from_compute_capability_8_and_fp16_befo
 
 def test_the_run_says_which_precision_it_chose_and_why(tmp_path, monkeypatch, caplog):
     from conftest import compose_config
-    from kd.run import prepare
+    from kd.setup import prepare
     monkeypatch.setattr(devices, "_cpu_flags", lambda: {"avx2"})
     prepared = prepare(compose_config(["data=synthetic", "device=cpu", "trainer.precision=auto"]))
     assert prepared.dtype == torch.float32

@@ -15,9 +15,9 @@ from hydra.utils import instantiate
 from conftest import METHODS, compose_config
 from kd.data import Splits
 from kd.evaluation import embedded_predictions
-from kd.run import build_networks, prepare
+from kd.setup import build_networks, prepare
 from kd.teacher_cache import EpochOutputs, compute_epoch
-from kd.trainer import Trainer, _State
+from kd.trainer import Trainer, TrainerSettings, _State
 
 META = torch.device("meta")
 # teacher -> student pairs of different families: CIFAR ResNet, wide ResNet, ShuffleNet, VGG, the notebook's SmallNet
@@ -38,8 +38,8 @@ def meta_run(method, teacher, student, *overrides):
     images = torch.empty(TRAIN, 3, 32, 32, dtype=torch.uint8, device=META)
     splits = Splits(images, labels.to(META), images[:4], labels[:4].to(META), images[:4], labels[:4].to(META),
                     cfg.data.num_classes)
-    trainer = Trainer(student_net, loss, teacher_net if loss.needs_teacher else None, splits, cfg.optim, 2, 0,
-                      torch.float32, 100, method, acceleration=prepared.acceleration)
+    trainer = Trainer(student_net, loss, teacher_net if loss.needs_teacher else None, splits,
+                      TrainerSettings(cfg.optim, 2, 0, torch.float32, 100, method, acceleration=prepared.acceleration))
     return cfg, student_net, teacher_net, loss, trainer
 
 

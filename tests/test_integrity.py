@@ -64,14 +64,14 @@ def test_the_decoded_image_cache_is_decoded_again_when_damaged(tmp_path, caplog)
 @pytest.mark.slow
 def test_a_damaged_training_state_stops_the_run_saying_how_to_go_on_and_is_never_resumed(random_teacher_ckpts,
                                                                                           tmp_path, caplog):
-    from kd.trainer import Trainer
+    from kd.trainer import Trainer, TrainerSettings
     from test_trainer import _parts
     cfg, splits, teacher, student, loss = _parts("ce", random_teacher_ckpts["resnet20"])
     state = tmp_path / "training-state.pt"
 
     def trainer(epochs):
-        return Trainer(student, loss, None, splits, cfg.optim, epochs, 0, torch.float32, 500, "ce", state_path=state,
-                       progress=False, state_key="run")
+        return Trainer(student, loss, None, splits, TrainerSettings(cfg.optim, epochs, 0, torch.float32, 500, "ce",
+                                                                    progress=False), state_path=state, state_key="run")
     trainer(1).fit()  # the state after epoch 1 stays (the run, not the trainer, deletes it when finished)
     saved = load_checked(state, weights_only=False)
     flip_a_bit(state)

@@ -181,6 +181,18 @@ def test_labels_come_from_the_hydra_job(hydra_job):
     assert labels.tags == ["kd", "method.loss.temperature=8", "seed=1"]
 
 
+def test_a_sweeps_runs_are_named_by_what_the_sweep_varies(hydra_job, tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    launched = ["data=synthetic", "kd_epochs=2", "method=kd,dkd", "seed=range(2)", "model@model.teacher=resnet20,resnet56"]
+    OmegaConf.save({"hydra": {"overrides": {"task": launched}}}, sweep / "multirun.yaml")  # as Hydra writes it
+    hydra_job("data=synthetic", "kd_epochs=2", "method=kd", "seed=1", "model@model.teacher=resnet56",
+              f"hydra.sweep.dir={sweep}")
+    labels = hydra_run_labels("kd")
+    assert labels.name == "kd seed=1 teacher=resnet56"  # not the settings every run of the sweep shares
+    assert {"data=synthetic", "kd_epochs=2", "seed=1"} <= set(labels.tags)
+
+
 def test_a_trial_of_the_optuna_search_is_a_search_trial(hydra_job):
     hydra_job("hparams_search=kd_tpe", "method.loss.temperature=3.14159", "method.loss.alpha=0.5")
     labels = hydra_run_labels("kd")

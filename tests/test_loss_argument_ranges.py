@@ -1,5 +1,5 @@
 """Every method's loss declares the valid interval of each numeric YAML argument (`argument_ranges`): a value just
-outside it fails in `kd.run.prepare`, before any data or teacher work, naming the argument, the value and the
+outside it fails in `kd.setup.prepare`, before any data or teacher work, naming the argument, the value and the
 interval; the method's own values pass."""
 import inspect
 import math
@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import METHODS, compose_config
-from kd import run
+from kd import setup
 from kd.losses.base import DistillationLoss, loss_factory
 from kd.validation import ConfigError
 
@@ -56,7 +56,7 @@ def test_a_value_just_outside_each_declared_range_fails_in_prepare(method):
         for bad in just_outside(interval, given[-1] if isinstance(given, list) else given):
             value = [*given[:-1], bad] if isinstance(given, list) else bad  # a list's last item
             with pytest.raises(ConfigError) as failure:
-                run.prepare(config(method, f"method.loss.{name}={value!r}"))
+                setup.prepare(config(method, f"method.loss.{name}={value!r}"))
             message = str(failure.value)
             assert message.startswith(f"method={method}: method.loss.{name}={value!r} is invalid"), message
             assert f"must lie in {interval}" in message, message
@@ -64,7 +64,7 @@ def test_a_value_just_outside_each_declared_range_fails_in_prepare(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_methods_own_values_pass(method):
-    run.prepare(config(method))
+    setup.prepare(config(method))
 
 
 @pytest.mark.parametrize("method", METHODS)

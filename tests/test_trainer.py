@@ -15,7 +15,7 @@ from kd.device import Acceleration
 from kd.losses.base import DistillationLoss, LossParts
 from kd.run import train
 from kd.taps import probe_shapes
-from kd.trainer import NonFiniteLoss, Trainer
+from kd.trainer import NonFiniteLoss, Trainer, TrainerSettings
 
 
 def _parts(method, teacher_ckpt, extra=()):
@@ -33,7 +33,7 @@ def test_teacher_stays_frozen_while_student_and_loss_parts_learn(random_teacher_
     teacher_before = copy.deepcopy(teacher.model.state_dict())
     student_before = copy.deepcopy(student.model.state_dict())
     loss_before = copy.deepcopy(loss.state_dict())
-    Trainer(student, loss, teacher, splits, cfg.optim, 1, 0, torch.float32, 500, "fitnet", progress=False).fit()
+    Trainer(student, loss, teacher, splits, TrainerSettings(cfg.optim, 1, 0, label="fitnet", progress=False)).fit()
     assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in teacher_before.items())  # BN stats too
     assert all(p.grad is None for p in teacher.parameters()) and not teacher.training
     assert any(not torch.equal(v, student.model.state_dict()[k]) for k, v in student_before.items())
@@ -47,8 +47,8 @@ def test_folding_the_teachers_batchnorm_changes_results_only_by_rounding(random_
         for m in teacher.modules():  # statistics far from the identity, so a wrong fold would show
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2, generator=torch.Generator().manual_seed(m.num_features))
-        trainer = Trainer(student, loss, teacher, splits, cfg.optim, 1, 0, torch.float32, 500, "fitnet",
-                          progress=False, acceleration=Acceleration(fold_teacher_batchnorm=fold))
+        trainer = Trainer(student, loss, teacher, splits, TrainerSettings(
+            cfg.optim, 1, 0, label="fitnet", progress=False, acceleration=Acceleration(fold_teacher_batchnorm=fold)))
         histories[fold] = trainer.fit().history[0]
         assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules()) is not fold
     assert histories[True]["loss"] == pytest.approx(histories[False]["loss"], rel=1e-4)
@@ -177,8 +177,8 @@ def _trainer_with(loss_class, ckpt, tmp_path, epochs, **loss_args):
     cfg, splits, teacher, student, _ = _parts("ce", ckpt, ["method.taps=[embed]"])
     shapes = {"student": probe_shapes(student, torch.device("cpu")), "teacher": probe_shapes(teacher, torch.device("cpu"))}
     loss = loss_class(feature_shapes=shapes, **loss_args)
-    trainer = Trainer(student, loss, teacher, splits, cfg.optim, epochs, 0, torch.float32, 500, loss_class.__name__,
-                      state_path=tmp_path / "state.pt", progress=False)
+    trainer = Trainer(student, loss, teacher, splits, TrainerSettings(cfg.optim, epochs, 0, label=loss_class.__name__,
+                                                                      progress=False), state_path=tmp_path / "state.pt")
     return trainer, loss
 
 
@@ -241,7 +241,8 @@ def test_a_run_killed_during_preparation_prepares_again(random_teacher_ckpts, tm
 
 def test_history_keeps_task_and_distillation_apart(random_teacher_ckpts):
     cfg, splits, teacher, student, loss = _parts("kd", random_teacher_ckpts["resnet20"], ["kd_epochs=1"])
-    record = Trainer(student, loss, teacher, splits, cfg.optim, 1, 0, torch.float32, 500, "kd", progress=False).fit().history[0]
+    settings = TrainerSettings(cfg.optim, 1, 0, label="kd", progress=False)
+    record = Trainer(student, loss, teacher, splits, settings).fit().history[0]
     assert record["loss"] == pytest.approx(record["task_loss"] + record["distillation_loss"], rel=1e-5)
     assert record["task_loss"] == pytest.approx(0.3 * record["terms"]["ce"], rel=1e-5)
     assert record["distillation_loss"] == pytest.approx(0.7 * record["terms"]["kd"], rel=1e-5)
@@ -260,8 +261,8 @@ def test_a_non_finite_loss_stops_the_run_within_a_hundred_steps(random_teacher_c
             ce = F.cross_entropy(student.logits, batch.labels)
             return LossParts(ce * (float("nan") if len(steps) >= 3 else 1.0), ce.new_zeros(()), {"ce": ce})
 
-    trainer = Trainer(student, DivergesAtStepThree(), None, splits, cfg.optim, 1, 0, torch.float32, 500, "ce",
-                      progress=False)
+    trainer = Trainer(student, DivergesAtStepThree(), None, splits,
+                      TrainerSettings(cfg.optim, 1, 0, label="ce", progress=False))
     assert len(trainer.loader) > 1.2 * FINITE_CHECK_EVERY
     with pytest.raises(NonFiniteLoss, match="non-finite at epoch 1, step 3"):
         trainer.fit()

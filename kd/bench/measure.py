@@ -22,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from kd import run, teacher_cache
+from kd import teacher_cache
 from kd import teacher as teachers
 from kd.bench import classic
 from kd.bench import steps as step_times
@@ -31,7 +31,8 @@ from kd.data import DeviceLoader, Splits
 from kd.device import autocast, synchronize
 from kd.evaluation import accuracy
 from kd.io import tensors_sha256
-from kd.trainer import Trainer
+from kd.setup import Prepared, build_networks, load_splits, prepare
+from kd.trainer import Trainer, TrainerSettings
 
 log = logging.getLogger(__name__)
 TRAIN = Path(__file__).resolve().parents[2] / "train.py"
@@ -41,7 +42,7 @@ TRAIN = Path(__file__).resolve().parents[2] / "train.py"
 class Setup:
     """What every measurement shares: device, data (cut to the benchmark's size) and the teacher's weights."""
 
-    prepared: run.Prepared
+    prepared: Prepared
     splits: Splits
     teacher_state: dict
     teacher_source: str
@@ -62,8 +63,8 @@ def timed(device: torch.device, fn: Callable):
 
 
 def setup(cfg: DictConfig) -> Setup:
-    prepared = run.prepare(cfg)
-    splits = run.load_splits(cfg, prepared.device, cfg.bench.images)
+    prepared = prepare(cfg)
+    splits = load_splits(cfg, prepared.device, cfg.bench.images)
     splits.val_x, splits.val_y = splits.val_x[:cfg.bench.val_images], splits.val_y[:cfg.bench.val_images]
     path = teachers.checkpoint_path(cfg.model.teacher)
     torch.manual_seed(cfg.seed)
@@ -82,8 +83,8 @@ def _networks(cfg: DictConfig, s: Setup, plain: bool):
     teacher_model = instantiate(cfg.model.teacher.arch)
     teacher_model.load_state_dict(s.teacher_state)
     teacher_model.to(s.device).eval().requires_grad_(False)
-    prepared = run.prepare(cfg)
-    student, teacher, loss = run.build_networks(cfg, prepared, teacher_model, s.splits.train_y, normalize=not plain)
+    prepared = prepare(cfg)
+    student, teacher, loss = build_networks(cfg, prepared, teacher_model, s.splits.train_y, normalize=not plain)
     return student, loss, teacher if loss.needs_teacher else None
 
 
@@ -148,9 +149,8 @@ def harness_epoch(cfg: DictConfig, s: Setup, dtype: torch.dtype, cache_dir: str 
     if cache_dir is not None and teacher is not None:
         weights_sha256 = tensors_sha256(*s.teacher_state.values())  # the weights may be random
         cache = teacher_cache.for_run(cfg, s.splits, weights_sha256, s.device, dtype, acceleration, cache_dir)
-    trainer = Trainer(student, loss, teacher, s.splits, cfg.optim, cfg.kd_epochs, cfg.seed, dtype, cfg.trainer.eval_batch_size,
-                      label=cfg.method.name, progress=False, teacher_cache=cache,
-                      acceleration=acceleration)
+    settings = TrainerSettings.for_run(cfg, dtype, acceleration, progress=False)
+    trainer = Trainer(student, loss, teacher, s.splits, settings, teacher_cache=cache)
     result, seconds = timed(s.device, trainer.fit)
     record = result.history[0]
     return {"seconds": seconds, "images_per_sec": s.images / seconds, "precision": str(dtype).removeprefix("torch."),
@@ -163,8 +163,8 @@ def steps(cfg: DictConfig, s: Setup, dtype: torch.dtype) -> dict:
     def make_trainer(compiled: bool) -> Trainer:
         student, loss, teacher = _networks(cfg, s, plain=False)
         acceleration = dataclasses.replace(s.prepared.acceleration, compile=compiled)
-        return Trainer(student, loss, teacher, s.splits, cfg.optim, cfg.kd_epochs, cfg.seed, dtype,
-                       cfg.trainer.eval_batch_size, label=cfg.method.name, progress=False, acceleration=acceleration)
+        return Trainer(student, loss, teacher, s.splits,
+                       TrainerSettings.for_run(cfg, dtype, acceleration, progress=False))
 
     def make_classic():
         student, loss, teacher = _networks(cfg, s, plain=True)
@@ -180,9 +180,8 @@ def teacher_forward(cfg: DictConfig, s: Setup, dtypes: list[torch.dtype]) -> dic
     after `bench.step_warmup`; for a trained teacher also its test accuracy in each precision, the check before
     bf16 may be used by default."""
     student, loss, teacher = _networks(cfg, s, plain=False)
-    trainer = Trainer(student, loss, teacher, s.splits, cfg.optim, cfg.kd_epochs, cfg.seed, torch.float32,
-                      cfg.trainer.eval_batch_size, label=cfg.method.name, progress=False,
-                      acceleration=s.prepared.acceleration)
+    trainer = Trainer(student, loss, teacher, s.splits,
+                      TrainerSettings.for_run(cfg, torch.float32, s.prepared.acceleration, progress=False))
     batch = next(iter(trainer.loader.epoch(0))).images
     out = {"batch_size": len(batch), "test_images": len(s.splits.test_y)}
     for dtype in dtypes:

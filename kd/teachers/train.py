@@ -8,7 +8,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from kd import run
+from kd import setup
 from kd import teacher as teachers
 from kd.config_groups import CONF
 from kd.io import file_sha256
@@ -18,11 +18,11 @@ log = logging.getLogger("kd")
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def main(cfg: DictConfig) -> float:
-    prepared = run.prepare(cfg)
-    splits = run.load_splits(cfg, prepared.device, cfg.data.train_subset)
+    prepared = setup.prepare(cfg)
+    splits = setup.load_splits(cfg, prepared.device, cfg.data.train_subset)
     model = teachers.load_or_train(cfg, splits, prepared.device, prepared.dtype)
-    accuracy = run.teacher_accuracy(cfg, model, file_sha256(teachers.checkpoint_path(cfg.model.teacher)), splits,
-                                    run.split_digests(splits), prepared.dtype)
+    accuracy = setup.teacher_accuracy(cfg, model, file_sha256(teachers.checkpoint_path(cfg.model.teacher)), splits,
+                                    setup.split_digests(splits), prepared.dtype)
     measured = {"val_acc": accuracy["val"], "test_acc": accuracy["test"]}
     log.info("teacher %s on %s: %s", cfg.model.teacher.name, cfg.data.name, measured)
     return measured["test_acc"]
