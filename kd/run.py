@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from kd import progress, teacher_cache
 from kd import teacher as teachers
 from kd.checkpoints import CheckpointMismatch
-from kd.data import DataError, Splits
+from kd.data import Splits
+from kd.datasets import DataError
 from kd.evaluation import Predictions, accuracy, embedded_predictions, keep_predictions, logits_accuracy
 from kd.io import CorruptFile, file_sha256, load_json, save_json, save_torch
 from kd.run_folder import (CONFIG, FAILED, FINISHED, HYDRA, RESULTS, RUNNING, STATE, STUDENT, TEST_PREDICTIONS,
@@ -51,8 +52,16 @@ def hydra_files(cfg: DictConfig) -> dict[str, str]:
     if not HydraConfig.initialized():
         return {}
     hc = HydraConfig.get()
-    return {CONFIG: OmegaConf.to_yaml(cfg), HYDRA: OmegaConf.to_yaml({"hydra": hc}),
+    return {CONFIG: OmegaConf.to_yaml(with_paths_resolved(cfg)), HYDRA: OmegaConf.to_yaml({"hydra": hc}),
             ".hydra/overrides.yaml": OmegaConf.to_yaml(list(hc.overrides.task))}
+
+
+def with_paths_resolved(cfg: DictConfig) -> DictConfig:
+    """The config with `paths` as this launch resolved them, so that whoever reads the saved config later (the
+    report, on another machine or with another $KD_ROOT) finds the run's own teacher, data and caches."""
+    saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    saved.paths = OmegaConf.to_container(cfg.paths, resolve=True)
+    return saved
 
 
 def train(cfg: DictConfig) -> dict:

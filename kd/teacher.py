@@ -15,11 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd.checkpoints import CheckpointMismatch, load_weights
 from kd.config_groups import CONF
-from kd.data import DataError, Splits
+from kd.data import Splits
+from kd.datasets import DataError
+from kd.evaluation import accuracy
 from kd.io import CorruptFile, exclusive, load_json_checked, save_json_checked, save_torch, set_aside
 from kd.losses.ce import CrossEntropy
 from kd.models.resnet_cifar import SHORTCUTS
-from kd.evaluation import accuracy
 from kd.taps import tapped
 from kd.trainer import Trainer, TrainerSettings
 

@@ -23,13 +23,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from kd.batchnorm_folding import fold_batchnorm
-from kd.data import Batch, DeviceLoader, Progress, Splits
+from kd.data import DeviceLoader, Splits
 from kd.device import Acceleration, autocast, full_precision, synchronize
 from kd.evaluation import accuracy
 from kd.io import CorruptFile, Unchecked, load_checked, save_checked, set_aside
 from kd.losses.base import DistillationLoss, LossParts, Preparation
-from kd.taps import Outputs, TappedModel
+from kd.losses.batch import Batch, Progress
 from kd.progress import tracked
+from kd.taps import Outputs, TappedModel
 from kd.teacher_cache import EpochOutputs, TeacherCache, compute_epoch
 
 log = logging.getLogger(__name__)
@@ -204,9 +205,9 @@ class Trainer:
         done = epoch + torch.arange(1, steps + 1, device=self.device) / steps  # each step's epochs done, on the device
         batches = tracked(self.loader.epoch(epoch), steps,
                           f"{self.label} epoch {epoch + 1}/{self.epochs}" if self.progress else "")
-        for step, batch in enumerate(batches):
-            teacher = self._teacher_outputs(batch.images) if cached is None else cached.batch(step)
-            yield batch.at(Progress(epoch, step, steps, self.epochs, done[step])), teacher
+        for step, samples in enumerate(batches):
+            teacher = self._teacher_outputs(samples.images) if cached is None else cached.batch(step)
+            yield Batch(*samples, Progress(epoch, step, steps, self.epochs, done[step])), teacher
 
     def _step(self, parts: LossParts) -> None:
         self.optimizer.zero_grad(set_to_none=True)

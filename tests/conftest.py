@@ -71,7 +71,7 @@ def random_teacher_ckpts(tmp_path_factory):
     """
     from omegaconf import OmegaConf
 
-    from kd.data import synthetic
+    from kd.datasets.synthetic import synthetic
     from kd.models import ResNet18, resnet20
 
     images = synthetic(num_train=512, num_test=1)[0].float() / 255

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from conftest import compose_config
-from kd.data import Batch, Progress
 from kd.losses.base import Preparation
+from kd.losses.batch import Batch, Progress
 from kd.models import SmallNet, resnet20
 from kd.taps import probe_shapes, tapped
 

@@ -3,7 +3,7 @@ small constructors for what a loss receives."""
 import numpy as np
 import torch
 
-from kd.data import Batch, Progress
+from kd.losses.batch import Batch, Progress
 from kd.taps import Outputs
 
 

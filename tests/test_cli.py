@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import METHODS, TINY, compose_config, run_train
-from kd.data import DataError
+from kd.datasets import DataError
 from kd.run import train
 from kd.validation import ConfigError
 
@@ -152,7 +152,7 @@ def test_each_bad_input_fails_before_training(override, error, message, tmp_path
 
 def test_a_teacher_checkpoint_of_another_architecture_is_refused_before_any_image_is_decoded(
         tmp_path, monkeypatch, random_teacher_ckpts):
-    from kd import data
+    from kd.datasets import imagefolder as data
     from kd.checkpoints import CheckpointMismatch
     monkeypatch.setattr(data, "_decode", lambda file: pytest.fail(f"{file} decoded before the checkpoint was checked"))
     images = tmp_path / "images"

@@ -3,7 +3,8 @@ import shutil
 import pytest
 import torch
 
-from kd.data import DeviceLoader, RandomCrops, build_splits, synthetic
+from kd.data import DeviceLoader, RandomCrops, build_splits
+from kd.datasets.synthetic import synthetic
 
 
 def test_split_is_deterministic_disjoint_and_sized():
@@ -89,7 +90,7 @@ def test_loader_batches_are_the_epochs_crops_in_its_order():
 def test_imagefolder_decodes_every_image_with_sorted_class_indices(tmp_path):
     from PIL import Image
 
-    from kd.data import imagefolder
+    from kd.datasets.imagefolder import imagefolder
 
     classes = ["zebra", "apple", "moth"]  # sorted: apple=0, moth=1, zebra=2
     written = {}
@@ -126,7 +127,7 @@ def test_pillow_decoding_gives_torchvisions_pixels(tmp_path):
 
     from torchvision.io import ImageReadMode, decode_image
 
-    from kd.data import _decode
+    from kd.datasets.imagefolder import _decode
     root = _image_folder(tmp_path, fmt="JPEG")
     for file in sorted(root.rglob("*.jpeg")):
         with warnings.catch_warnings():
@@ -136,7 +137,7 @@ def test_pillow_decoding_gives_torchvisions_pixels(tmp_path):
 
 
 def test_hidden_files_are_skipped(tmp_path):
-    from kd.data import imagefolder
+    from kd.datasets.imagefolder import imagefolder
     root = _image_folder(tmp_path)
     (root / "train" / "cat" / ".DS_Store").write_bytes(b"")
     (root / "train" / ".hidden_class").mkdir()
@@ -154,7 +155,8 @@ def test_hidden_files_are_skipped(tmp_path):
 def test_each_broken_image_folder_names_the_file_or_the_count(tmp_path, damage, message):
     from PIL import Image
 
-    from kd.data import DataError, imagefolder
+    from kd.datasets import DataError
+    from kd.datasets.imagefolder import imagefolder
     root = _image_folder(tmp_path)
     num_classes = 2
     if damage == "no_classes":
@@ -178,7 +180,7 @@ def test_each_broken_image_folder_names_the_file_or_the_count(tmp_path, damage, 
 def test_a_folder_is_decoded_once_and_again_when_its_content_changes(tmp_path, monkeypatch):
     import os
 
-    from kd import data
+    from kd.datasets import imagefolder as data
     root, cache = _image_folder(tmp_path / "images", fmt="JPEG"), tmp_path / "cache"
     decoded = []
     original = data._decode

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import compose_config
-from kd import data, io as kd_io, teacher_cache as caches
+from kd import io as kd_io
+from kd import teacher_cache as caches
+from kd.datasets import imagefolder as data
 from kd.evaluation import teacher_predictions
 from kd.io import save_torch
 from kd.run_folder import FAILED, RUNNING, claim, decisive_config, read_status, write_status

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY, compose_config
-from kd import data
+from kd.datasets import imagefolder as data
 from kd.evaluation import Predictions, keep_predictions, kept_predictions, teacher_predictions
 from kd.io import CorruptFile, load_checked, save_checked, save_json_checked
 from kd.teacher import DataError, check_trained_on, sidecar, training_record

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd.data import Progress
+from kd.losses.batch import Progress
 from reference import batch as make_batch, cross_entropy as np_ce, log_softmax as np_log_softmax, outputs
 
 pytestmark = pytest.mark.usefixtures("float64")

@@ -17,7 +17,7 @@ def _fitnet():
 
 
 def test_fitnet_against_direct_projection():
-    from kd.data import Progress
+    from kd.losses.batch import Progress
     loss = _fitnet()
     fs, ft = torch.randn(3, 8, 4, 4), torch.rand(3, 6, 8, 8)
     zs, y = torch.randn(3, 10), torch.tensor([1, 2, 3])

@@ -103,7 +103,7 @@ def test_a_student_map_too_small_for_the_regressor_is_refused():
 
 def _prepared_run(prepare_epochs):
     """A SmallNet student guided at stage2 by fixed random hints, through a stand-in for the trainer's Preparation."""
-    from kd.data import Progress
+    from kd.losses.batch import Progress
     from kd.losses.base import Preparation
     from kd.models import SmallNet
     from kd.taps import Outputs, TappedModel

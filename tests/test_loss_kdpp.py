@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd.data import Batch, Progress
 from kd.losses.base import Preparation
+from kd.losses.batch import Batch, Progress
 from reference import batch as make_batch, cross_entropy as np_ce, evaluate, log_softmax as np_log_softmax, outputs
 
 pytestmark = pytest.mark.usefixtures("float64")

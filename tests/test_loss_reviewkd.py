@@ -90,7 +90,7 @@ def test_hcl_hand_values_and_invariants():
 
 
 def test_reviewkd_against_a_numpy_chain_of_abfs():
-    from kd.data import Progress
+    from kd.losses.batch import Progress
     loss = make_reviewkd().eval()  # BatchNorms on their running statistics: known scales
     assert [abf.reduce[0].out_channels for abf in loss.abfs] == [6, 6, 6]  # min(max_mid_channels 6, 8)
     assert loss.abfs[-1].attention is None and all(abf.attention is not None for abf in loss.abfs[:-1])

@@ -8,8 +8,8 @@ from hydra.utils import instantiate
 
 from conftest import METHODS, TINY, compose_config
 from kd import run
-from kd.data import Batch, Progress
 from kd.losses.base import loss_factory
+from kd.losses.batch import Batch, Progress
 from kd.taps import Outputs
 
 pytestmark = pytest.mark.filterwarnings("ignore")

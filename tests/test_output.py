@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY, compose_config, run_train, train_env
 from kd import progress
@@ -145,3 +146,14 @@ def test_a_foreign_checkpoint_given_other_statistics_than_its_model_file_says_so
     (record,) = caplog.records
     assert "mean [0.5, 0.5, 0.5]" in record.getMessage()
     assert "model.teacher.normalization.mean=[0.485,0.456,0.406]" in record.getMessage()
+
+
+@pytest.mark.slow
+def test_a_runs_saved_config_keeps_the_paths_it_ran_with(tmp_path, monkeypatch, random_teacher_ckpts):
+    run_dir = tmp_path / "run"
+    proc = run_train([*TINY, "kd_epochs=1", "data.source.num_train=100", "model@model.teacher=resnet20",
+                      f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    monkeypatch.setenv("KD_ROOT", str(tmp_path / "elsewhere"))  # the report's machine
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert saved.paths.root == str(tmp_path) and saved.teacher_cache.dir == str(tmp_path / "checkpoints/teacher-cache")

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,8 +20,8 @@ from kd.models import ResNet18, SmallNet, resnet20
 from kd.report.collect import NoRuns, collect
 from kd.report.complexity import MIN_TIMED, complexity, latency_ms
 from kd.report.markdown import table
-from kd.report.metrics import (calibration_bins, confusion, expected_calibration_error, linear_cka, logit_metrics,
-                               per_class_accuracy, reliability_bins)
+from kd.report.metrics import (Outputs, calibration_bins, computed_metrics, confusion, expected_calibration_error,
+                               linear_cka, per_class_accuracy, reliability_bins)
 from kd.report.plots import bar_order, is_grid, reliability_figure, varying_params
 from kd.report.tables import best_table, rank_table, seed_table, summary_table
 
@@ -32,6 +33,10 @@ NAMED_COLUMNS = ["test_acc", "test_loss", "ece", "agreement", "kl", "cosine", "e
 
 
 # ---------------------------------------------------------------- metrics against numpy
+
+def logit_metrics(logits, labels, teacher_logits):
+    return computed_metrics(Outputs(logits, labels, teacher_logits))
+
 
 def softmax(z):
     e = np.exp(z - z.max(1, keepdims=True))
@@ -71,7 +76,7 @@ def test_metrics_equal_direct_numpy_computations(known_logits):
         "entropy": -(p * np.log(p)).sum(1).mean(),
     }
     got = logit_metrics(student, labels, teacher)
-    assert set(got) == set(expected)
+    assert set(got) == set(expected) | {"cka"} and math.isnan(got["cka"])  # no embeddings given
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, abs=1e-6), name
     assert 0.05 < got["ece"] and 0.3 < got["agreement"] < 0.95 and got["kl"] > 0.1  # not a degenerate case
@@ -296,11 +301,11 @@ def test_seed_table_mean_std_and_paired_difference_to_ce():
 
 def test_rank_table_ranks_each_metric_in_its_direction():
     ranks = rank_table(fake_summary()).set_index("method")
-    assert list(ranks.index) == ["kd", "ce", "at"]  # average ranks 9/7, 13/7, 17/7
+    assert list(ranks.index) == ["kd", "ce", "at"]  # by test accuracy; average ranks 8/6, 12/6, 16/6
     assert ranks.loc["kd", "rank_test_acc"] == 1 and ranks.loc["at", "rank_test_acc"] == 3
     assert ranks.loc["at", "rank_ece"] == 1 and ranks.loc["kd", "rank_ece"] == 3  # lower ECE is better
     assert ranks.loc["at", "rank_kl"] == 3  # lower KL is better; at's only seed is the worst
-    assert ranks.average_rank.tolist() == pytest.approx([9 / 7, 13 / 7, 17 / 7])
+    assert ranks.average_rank.tolist() == pytest.approx([8 / 6, 12 / 6, 16 / 6])
 
 
 def test_a_method_with_no_finished_job_keeps_its_rank_row_at_the_bottom():
@@ -310,10 +315,170 @@ def test_a_method_with_no_finished_job_keeps_its_rank_row_at_the_bottom():
     assert list(ranks.method)[-1] == "at" and math.isnan(ranks.average_rank.iloc[-1])
 
 
+def test_ranks_leave_entropy_out_and_are_sorted_by_test_accuracy_not_by_average_rank():
+    summary = fake_summary()
+    kd = summary.method == "kd"
+    summary.loc[kd, ["test_loss", "ece", "kl"]] = 5.0  # kd: the best test accuracy, the worst everywhere else
+    summary.loc[kd, ["agreement", "cosine"]] = 0.0
+    summary.loc[summary.method == "ce", "entropy"] = 0.1
+    ranks = rank_table(summary).set_index("method")
+    assert list(ranks.index) == ["kd", "ce", "at"]
+    assert ranks.average_rank.tolist() == pytest.approx([16 / 6, 8 / 6, 12 / 6])  # ce first by average rank
+    assert "rank_entropy" not in ranks and ranks.loc["ce", "entropy"] == pytest.approx(0.1)  # a column, not a rank
+
+
+def test_ranks_print_as_integers_and_their_average_with_decimals():
+    lines = table(rank_table(fake_summary()), ["method", "rank_test_acc", "rank_ece", "average_rank"]).splitlines()
+    assert [line.strip("| ").split(" | ") for line in lines[2:]] == [["kd", "1", "3", "1.33"], ["ce", "2", "2", "2.00"],
+                                                                    ["at", "3", "1", "2.67"]]
+
+
+def test_the_report_says_how_ranks_are_formed():
+    from kd.report.markdown import rank_note
+    note = rank_note()
+    assert "test_acc, test_loss, ece, agreement, kl, cosine, averaged over its finished seeds" in note
+    assert "higher is better for test_acc, agreement, cosine, lower for test_loss, ece, kl" in note
+    assert "entropy, cka" in note.split("are not ranked")[0] and note.endswith("sorted by test_acc, best first.")
+
+
+def test_a_new_metric_is_one_declaration(monkeypatch, known_logits):
+    """One Metric in METRICS: computed for every model, a summary and seed column, ranked in its direction,
+    named in the rank note, and printed in its format."""
+    from kd.report import metrics
+    from kd.report.markdown import rank_note
+
+    def margin(o):  # the mean gap between the two largest logits
+        top = o.logits.double().topk(2, dim=1).values
+        return (top[:, 0] - top[:, 1]).mean().item()
+
+    monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, metrics.Metric("margin", margin, higher_is_better=False,
+                                                                              ranked=True, format=".2f")))
+    student, labels, teacher = known_logits
+    top = np.sort(student.double().numpy(), axis=1)
+    assert logit_metrics(student, labels, teacher)["margin"] == pytest.approx((top[:, -1] - top[:, -2]).mean())
+    summary = fake_summary()
+    assert "margin" in summary.columns
+    for method, value in {"ce": 2.0, "kd": 3.0, "at": 1.0}.items():
+        summary.loc[summary.method == method, "margin"] = value
+    ranks = rank_table(summary).set_index("method")
+    assert ranks.rank_margin.to_dict() == {"kd": 3, "ce": 2, "at": 1}  # lower is better, as declared
+    assert ranks.average_rank.tolist() == pytest.approx([11 / 7, 14 / 7, 17 / 7])
+    assert seed_table(summary).set_index("method").loc["kd", "margin_mean"] == 3.0
+    assert "| 3.00 |" in table(summary, ["label", "margin"]) and "margin" in rank_note()
+    with pytest.raises(ValueError, match="'spread' is ranked but has no direction"):
+        metrics.Metric("spread", margin, higher_is_better=None, ranked=True)
+
+
+def test_hyperparameter_values_in_labels_have_a_few_significant_digits():
+    from types import SimpleNamespace
+
+    from kd.report.collect import label_variants
+    values = ["0.30000000000000004", "5.318625677458155", "1e-300", "0.12345", "0.12346", "4", "abc"]
+    jobs = [SimpleNamespace(overrides=["method=kd", f"method.loss.temperature={v}"], sweep=Path("sweep")) for v in values]
+    label_variants(jobs)
+    assert [j.variant for j in jobs] == [f"temperature={v}" for v in
+                                         ["0.3", "5.3186", "1e-300", "0.12345", "0.12346", "4", "abc"]]
+    assert jobs[1].params == {"method.loss.temperature": "5.318625677458155"}  # the value as given, for the plots
+    search = [SimpleNamespace(overrides=[f"method.loss.alpha={a}"], sweep=Path("s")) for a in ("0.123456789", "0.9")]
+    label_variants(search)
+    assert [j.variant for j in search] == ["alpha=0.123", "alpha=0.9"]
+
+
+def test_confusion_matrices_are_labelled_with_class_names():
+    from kd.report.plots import confusion_figure
+    matrix = torch.eye(3, dtype=torch.long) * 5
+    ax = confusion_figure({"kd": matrix}, ["cat", "dog", "frog"]).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["cat", "dog", "frog"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["cat", "dog", "frog"]
+    ax = confusion_figure({"kd": matrix}, None).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]
+    names = [f"class{i}" for i in range(100)]
+    ax = confusion_figure({"kd": torch.eye(100, dtype=torch.long)}, names).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names[::5]  # 20 names, not 100 on top of each other
+    from kd.report.markdown import per_class_table
+    assert per_class_table({"kd": matrix}, ["cat", "dog", "frog"]).splitlines()[0] == "| model | cat | dog | frog |"
+
+
+def test_class_names_come_from_the_datas_own_files(tmp_path):
+    import pickle
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from kd.report.classes import class_names
+    cifar10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (tmp_path / "cifar" / "cifar-10-batches-py").mkdir(parents=True)
+    with open(tmp_path / "cifar" / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({"num_cases_per_batch": 10000, "label_names": cifar10, "num_vis": 3072}, f)
+    for name in ("zebra", "apple", ".cache"):
+        (tmp_path / "images" / "train" / name).mkdir(parents=True)
+
+    def job(source):
+        return SimpleNamespace(cfg=OmegaConf.create({"data": {"source": source}}), launch_dir=tmp_path)
+
+    assert class_names(job({"_target_": "kd.datasets.cifar.cifar10", "root": "cifar", "download": True})) == cifar10
+    assert class_names(job({"_target_": "kd.datasets.imagefolder.imagefolder", "root": str(tmp_path / "images"), "num_classes": 2,
+                            "cache_dir": None})) == ["apple", "zebra"]  # class index order: sorted, hidden skipped
+    assert class_names(job({"_target_": "kd.datasets.cifar.cifar100", "root": "nowhere", "download": True})) is None
+    assert class_names(job({"_target_": "kd.datasets.synthetic.synthetic", "num_train": 10})) is None
+
+
+def test_curves_plot_the_mean_and_spread_over_seeds_per_method():
+    from types import SimpleNamespace
+
+    from kd.report.plots import CURVES, curves_figure
+    g = np.random.default_rng(0)
+
+    def job(label, seed, status="ok"):
+        history = [{"epoch": e, "lr": 0.1, "loss": g.uniform(0, 2), "train_acc": g.uniform(), "val_acc": g.uniform(),
+                    "seconds": 1.0, "terms": {"loss_ce": 1.0}} for e in (1, 2, 3)]
+        return SimpleNamespace(label=label, seed=seed, status=status, results={"history": history})
+
+    jobs = [job("kd", 0), job("kd", 1), job("kd", 2), job("ce", 0), job("at", 0, status="failed")]
+    fig = curves_figure(jobs)
+    assert [ax.get_title() for ax in fig.axes[:3]] == list(CURVES.values())
+    for ax, key in zip(fig.axes, CURVES):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"kd", "ce"}  # the failed job's method has no curve
+        for label, line in lines.items():
+            runs = np.array([[h[key] for h in j.results["history"]] for j in jobs if j.label == label])
+            assert list(line.get_xdata()) == [1, 2, 3]
+            assert np.asarray(line.get_ydata(), dtype=float) == pytest.approx(runs.mean(0))
+        kd = np.array([[h[key] for h in j.results["history"]] for j in jobs if j.label == "kd"])
+        band = ax.collections[0].get_paths()[0].vertices[:, 1]
+        low, high = kd.mean(0) - kd.std(0, ddof=1), kd.mean(0) + kd.std(0, ddof=1)
+        assert (band.min(), band.max()) == pytest.approx((low.min(), high.max()))
+
+
+def test_a_default_sweep_folder_is_read_with_its_own_launch_time(tmp_path, request):
+    """Hydra saves the default hydra.sweep.dir, multirun/${now:...}, unresolved: the report takes the sweep folder
+    on disk (the time is in its name, as in the jobs' W&B group), never its own clock, nor fails on `now`."""
+    from omegaconf import OmegaConf
+
+    from kd.report.wandb_log import WANDB_LOGGER, sweep_group
+    sweep = tmp_path / "multirun" / "2026-01-02" / "03-04-05-000006"
+    (sweep / "0_kd" / ".hydra").mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    hydra = {"mode": "MULTIRUN", "run": {"dir": "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S-%f}_${method.name}"},
+             "sweep": {"dir": "multirun/${now:%Y-%m-%d}/${now:%H-%M-%S-%f}", "subdir": "${hydra.job.num}_${method.name}"},
+             "job": {"num": 0}, "overrides": {"task": ["method=kd"]},
+             "runtime": {"cwd": str(tmp_path), "output_dir": str(sweep / "0_kd")}}
+    OmegaConf.save(OmegaConf.create({"hydra": hydra}), sweep / "0_kd" / ".hydra" / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create({"method": {"name": "kd"}, "seed": 0, "logger": {"_target_": WANDB_LOGGER}}),
+                   sweep / "0_kd" / ".hydra" / "config.yaml")
+    (job,) = collect([sweep])
+    assert job.hydra.hydra.sweep.dir == str(sweep) and sweep_group(job) == "2026-01-02/03-04-05-000006"
+    if not OmegaConf.has_resolver("now"):  # as after Hydra composed a config in this process
+        OmegaConf.register_new_resolver("now", lambda pattern: "the-report's-clock")
+        request.addfinalizer(lambda: OmegaConf.clear_resolver("now"))
+    (job,) = collect([sweep])
+    assert sweep_group(job) == "2026-01-02/03-04-05-000006"
+
+
 # ---------------------------------------------------------------- bad input
 
-def report_cli(*args, wandb_mode="disabled"):
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+def report_cli(*args, wandb_mode="disabled", **extra_env):
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"} | extra_env
     if wandb_mode:
         env["WANDB_MODE"] = wandb_mode
     return subprocess.run([sys.executable, "-m", "kd.report", *map(str, args)], cwd=ROOT, env=env,
@@ -356,18 +521,20 @@ def sweeps(tmp_path_factory, random_teacher_ckpts):
     """Three methods x two seeds, plus a second sweep whose one job fails (temperature 1e-300: non-finite loss)."""
     root = tmp_path_factory.mktemp("report")
     teacher = f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}"
+    # KD_ROOT: a session fixture runs before the per-test one (conftest) that keeps paths.root out of the project
     good = run_train(["-m", "method=ce,kd,fitnet", "seed=0,1", *SWEEP_ARGS, teacher,
-                      f"hydra.sweep.dir={root / 'sweep'}"], cwd=root)
+                      f"hydra.sweep.dir={root / 'sweep'}"], cwd=root, KD_ROOT=str(root))
     assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-3000:]
     bad = run_train(["-m", "method=kd", "method.loss.temperature=1e-300", *SWEEP_ARGS, teacher,
-                     f"hydra.sweep.dir={root / 'failing'}"], cwd=root)
+                     f"hydra.sweep.dir={root / 'failing'}"], cwd=root, KD_ROOT=str(root))
     assert bad.returncode != 0 and "non-finite" in bad.stderr
     return root
 
 
 @pytest.fixture(scope="session")
 def report(sweeps):
-    proc = report_cli(sweeps / "sweep", sweeps / "failing", "--latency-repeats", "2", "--latency-batch", "16")
+    proc = report_cli(sweeps / "sweep", sweeps / "failing", "--latency-repeats", "2", "--latency-batch", "16",
+                      KD_ROOT=str(sweeps))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = sweeps / "sweep"
     return {"folder": folder, "stdout": proc.stdout, "summary": pd.read_csv(folder / "summary.csv"),
@@ -469,7 +636,7 @@ def test_rank_and_seed_tables_cover_every_method(report):
 def test_plots_are_valid_non_empty_pngs(report):
     plots = sorted((report["folder"] / "report_plots").glob("*.png"))
     names = {p.stem for p in plots}
-    assert {"test_accuracy", "accuracy_vs_time", "validation_curves", "reliability", "confusion"} <= names
+    assert {"test_accuracy", "accuracy_vs_time", "curves", "reliability", "confusion"} <= names
     assert {"curve_ce", "curve_kd", "curve_fitnet"} <= names
     for path in plots:
         data = path.read_bytes()
@@ -493,6 +660,9 @@ def test_markdown_has_one_section_per_method_headed_by_its_display_name(report):
     assert "`temperature` = 4.0" in md and "`temperature` = 1e-300" in md
     for link in (line.split("](")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")):
         assert (report["folder"] / link).is_file(), link
+    after_ranks = md.split("## Ranks")[1].split("\n\n")
+    assert after_ranks[2].startswith("Each method's test_acc, test_loss, ") and "| rank_entropy" not in md
+    assert "## Not done" not in md  # W&B was off: nothing failed
 
 
 @pytest.mark.slow
@@ -560,3 +730,43 @@ def test_no_latency_measurement_is_said_plainly(sweeps, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     notes = (run / "report.md").read_text()
     assert "latency: not measured (--latency-repeats 0)" in notes and "median of 0" not in notes
+
+
+@pytest.mark.slow
+def test_the_curves_show_each_methods_mean_over_its_seeds(report, sweeps):
+    from kd.report.plots import CURVES, curves_figure
+    assert "![loss, training and validation accuracy per epoch](report_plots/curves.png)" in report["markdown"]
+    assert (report["folder"] / "report_plots" / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    runs = results_of(sweeps / "sweep")
+    fig = curves_figure(collect([sweeps / "sweep"]))
+    for ax, key in zip(fig.axes, CURVES):
+        lines = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
+        assert set(lines) == set(METHODS)
+        for method, drawn in lines.items():
+            seeds = [runs[job]["history"] for job in runs if job.endswith(f"_{method}")]
+            assert len(seeds) == 2 and np.asarray(drawn, dtype=float) == pytest.approx(
+                np.mean([[h[key] for h in history] for history in seeds], axis=0))
+
+
+@pytest.mark.slow
+def test_a_wandb_failure_is_written_into_the_report(sweeps, tmp_path, monkeypatch):
+    import wandb
+
+    from kd.report import wandb_report
+    from kd.report.evaluate import LatencySettings
+    from kd.report.write import write_report
+    run = tmp_path / "run"
+    shutil.copytree(sweeps / "sweep" / "0_ce", run)
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("api.wandb.ai is unreachable")
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    monkeypatch.setattr(wandb_report, "build_spec", unreachable)
+    with pytest.warns(UserWarning, match="unreachable"):
+        written = write_report([run], torch.device("cpu"), LatencySettings(8, 0, 0), wandb_mode="offline")
+    md = (run / "report.md").read_text()
+    assert md.split("## Not done\n\n")[1].splitlines() == [
+        "- W&B logging of the report failed: ConnectionError: api.wandb.ai is unreachable",
+        "- the W&B report was not built: ConnectionError: api.wandb.ai is unreachable"]
+    assert written.wandb_dir is None and written.wandb_report.spec is None

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from kd.data import Progress
+from kd.losses.batch import Progress
 from kd.losses.schedule import ramp
 
 

@@ -74,7 +74,7 @@ def test_two_jobs_without_teacher_train_it_once(tmp_path):
 def test_a_teacher_trained_on_one_image_folder_is_refused_for_another(tmp_path, monkeypatch):
     from PIL import Image
 
-    from kd.data import DataError
+    from kd.datasets import DataError
 
     def folder(root, seed):
         g = torch.Generator().manual_seed(seed)

@@ -70,18 +70,41 @@ def keys_logged(run_folder):
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, random_teacher_ckpts):
+    """In the default sweep folder, as most sweeps are: multirun/<date>/<time> under the project root (KD_ROOT)."""
     root = tmp_path_factory.mktemp("wandb_report")
     args = [*[o for o in TINY if o != "logger=none"], "logger=wandb", "data.source.num_train=200",
             "data.source.num_test=100", "kd_epochs=1", "model@model.teacher=resnet20",
-            f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}", f"hydra.sweep.dir={root / 'grid'}"]
-    env = {"WANDB_MODE": "offline", "WANDB_CACHE_DIR": str(root / "cache"), "WANDB_CONFIG_DIR": str(root / "cfg")}
+            f"model.teacher.ckpt={random_teacher_ckpts['resnet20']}"]
+    env = {"WANDB_MODE": "offline", "WANDB_CACHE_DIR": str(root / "cache"), "WANDB_CONFIG_DIR": str(root / "cfg"),
+           "KD_ROOT": str(root)}
     proc = run_train(["-m", "method=kd", "method.loss.temperature=2,4", "method.loss.alpha=0.5,0.9", *args],
                      cwd=root, **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = subprocess.run([sys.executable, "-m", "kd.report", str(root / "grid"), "--latency-repeats", "0"],
+    (folder,) = root.glob("multirun/*/*")
+    report = subprocess.run([sys.executable, "-m", "kd.report", str(folder), "--latency-repeats", "0"],
                             cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     assert report.returncode == 0, report.stderr[-3000:]
-    return root / "grid", report
+    return folder, report
+
+
+def run_group(wandb_file):
+    return next(r.run.run_group for r in wandb_records(wandb_file) if r.WhichOneof("record_type") == "run")
+
+
+@pytest.mark.slow
+def test_a_sweep_in_the_default_folder_gets_its_wandb_run_and_report(grid):
+    """Hydra saves the default hydra.sweep.dir, multirun/${now:...}, unresolved: the report's own W&B run and its
+    Report spec still go to the group the jobs logged to (the folder's date and time), and nothing fails."""
+    folder, report = grid
+    group = "/".join(folder.parts[-2:])
+    jobs = sorted(folder.glob("*/wandb/offline-run-*/*.wandb"))
+    assert len(jobs) == 4 and {run_group(path) for path in jobs} == {group}
+    (own,) = folder.glob("wandb/offline-run-*/*.wandb")
+    assert run_group(own) == group
+    assert json.loads((folder / SPEC).read_text())["groups"] == [group]
+    assert "interpolation" not in report.stderr
+    assert "W&B logging of the report failed" not in report.stderr and "W&B report was not" not in report.stderr
+    assert "## Not done" not in (folder / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from kd.data import Batch, Progress
+from kd.losses.batch import Batch, Progress
 from kd.taps import Outputs, TappedModel
 
 

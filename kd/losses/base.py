@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd.data import Batch
+from kd.losses.batch import Batch
 from kd.taps import Outputs, TappedModel
 
 FeatureShapes = dict[str, dict[str, tuple[int, ...]]]

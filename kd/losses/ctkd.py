@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.data import Progress
 from kd.losses.base import DistillationLoss, LossParts, soft_kl
+from kd.losses.batch import Progress
 from kd.losses.schedule import cosine_ramp
 
 

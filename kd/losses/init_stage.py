@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from kd.data import Batch
 from kd.losses.base import DistillationLoss, Preparation, pooled_to
+from kd.losses.batch import Batch
 from kd.taps import Outputs, TappedModel
 
 

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from kd.data import Progress
+from kd.losses.batch import Progress
 
 
 def ramp(progress: Progress | None, epochs: float | None = None, fraction: float | None = None) -> torch.Tensor | float:

@@ -51,10 +51,11 @@ def main(argv=None) -> int:
     print(f"report written to {written.folder / 'report.md'} ({len(written.files)} files)")
     if written.wandb_dir:
         print(f"W&B run: {written.wandb_dir}")
-    if written.wandb_report is not None:
-        report = written.wandb_report
-        print(f"W&B report: {report.url}" if report.url else
-              f"W&B report spec: {report.spec}; publish it with: python -m kd.report.publish {written.folder}")
+    report = written.wandb_report
+    if report is not None and report.url:
+        print(f"W&B report: {report.url}")
+    elif report is not None and report.spec:
+        print(f"W&B report spec: {report.spec}; publish it with: python -m kd.report.publish {written.folder}")
     return 0
 
 

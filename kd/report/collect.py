@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from kd import run_folder
 from kd.io import load_json
@@ -18,6 +21,7 @@ from kd.run_folder import CONFIG, HYDRA, RESULTS, STATE, STUDENT, read_status
 
 OK, FAILED, RUNNING, MISSING = "ok", "failed", "running", "missing"
 SWEEP_RECORD = "multirun.yaml"  # what Hydra writes in a sweep folder when the sweep starts
+RESOLVER_CALL = re.compile(r"\$\{\s*[\w.]+\s*:")  # ${now:...}, ${oc.env:...}; a reference ${a.b} has no colon
 
 
 class NoRuns(ValueError):
@@ -81,7 +85,7 @@ def collect(folders: list[Path]) -> list[Job]:
 
 def load_job(folder: Path, sweep: Path) -> Job:
     cfg = OmegaConf.load(folder / CONFIG)
-    hydra = OmegaConf.load(folder / HYDRA) if (folder / HYDRA).is_file() else None
+    hydra = load_hydra(folder)
     num = int(hydra.hydra.job.get("num") or 0) if hydra is not None else 0
     overrides = list(hydra.hydra.overrides.task) if hydra is not None else []
     try:
@@ -92,6 +96,41 @@ def load_job(folder: Path, sweep: Path) -> Job:
         return Job(folder, sweep, num, cfg, hydra, None, FAILED, reason, overrides)
     status, reason = job_status(folder, results)
     return Job(folder, sweep, num, cfg, hydra, results, status, reason, overrides)
+
+
+def load_hydra(folder: Path) -> DictConfig | None:
+    """The run's saved Hydra config, with `hydra.sweep.dir` set to the sweep folder on disk where the saved value
+    would not resolve here to what it was in the run.
+
+    Hydra saves the default, `${paths.multirun}/${now:...}`, unresolved: `paths` is in the job's config, not in
+    this one, and the launch time survives only in the folder's name (and in the W&B group the jobs logged to); a
+    `now` resolver in this process, where there is one, would give the report's own time.
+    """
+    if not (folder / HYDRA).is_file():
+        return None
+    hydra = OmegaConf.load(folder / HYDRA)
+    if not resolves_alike(hydra, "hydra.sweep.dir"):
+        OmegaConf.update(hydra, "hydra.sweep.dir", str(sweep_folder(folder)))
+    return hydra
+
+
+def resolves_alike(cfg: DictConfig, key: str) -> bool:
+    """Whether a saved value resolves here as it did in the run: every key it refers to was saved with it, and it
+    calls no resolver (`${now:...}`, `${oc.env:...}` read this process's clock and environment)."""
+    try:
+        OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+    except InterpolationResolutionError:
+        return False
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent)  # its children stay unresolved
+    saved = OmegaConf.to_container(node).get(leaf) if isinstance(node, DictConfig) else None
+    return not (isinstance(saved, str) and RESOLVER_CALL.search(saved))
+
+
+def sweep_folder(job_folder: Path) -> Path:
+    """The nearest folder above a job that holds Hydra's record of a sweep, else the job folder's parent."""
+    job_folder = job_folder.resolve()
+    return next((p for p in job_folder.parents if (p / SWEEP_RECORD).is_file()), job_folder.parent)
 
 
 def job_status(folder: Path, results: dict | None) -> tuple[str, str]:
@@ -163,11 +202,31 @@ def label_variants(jobs: list[Job]) -> None:
         sweeps.setdefault(job.sweep, []).append(p)
     between = [k for k in varying if not k.startswith("method.")
                and all(len({p.get(k) for p in group}) == 1 for group in sweeps.values())]
+    shown = {k: readable_values(p[k] for p in parsed if k in p) for k in varying}
     for job, p in zip(jobs, parsed):
         parts = [job.sweep.name] if between else []
         job.params = {k: p[k] for k in varying if k not in between and k in p}
-        parts += [f"{short(k)}={v}" for k, v in job.params.items()]
+        parts += [f"{short(k)}={shown[k][v]}" for k, v in job.params.items()]
         job.variant = " ".join(parts)
+
+
+def readable_values(values: Iterable[str]) -> dict[str, str]:
+    """Each value as labels and plots show it: a number to the fewest significant digits, 3 or more, that keep
+    these values apart (a search's 0.30000000000000004 reads 0.3), anything else as given."""
+    values = set(values)
+    numbers = {v: x for v in values if (x := _float(v)) is not None}
+    for digits in range(3, 18):
+        shown = {v: format(x, f".{digits}g") for v, x in numbers.items()}
+        if len(set(shown.values())) == len(set(numbers.values())):
+            break
+    return {v: shown.get(v, v) for v in values}
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def short(key: str) -> str:

@@ -9,13 +9,13 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from kd.report.collect import OK, Job
-from kd.report.metrics import ECE_BINS, per_class_accuracy
-from kd.report.tables import students
+from kd.report.metrics import (ECE_BINS, metric_formats, metric_names, per_class_accuracy, primary_metric,
+                               ranked_metrics)
+from kd.report.tables import history_table, students
 
-NUMBERS = {"difference": "+.2f", "difference_last": "+.2f", "test_acc": ".4f", "test_acc_last": ".4f", "test_loss": ".4f", "ece": ".4f", "agreement": ".4f",
-           "kl": ".4f", "cosine": ".4f", "entropy": ".4f", "cka": ".4f", "train_acc": ".4f", "val_acc": ".4f",
-           "loss": ".4f", "train_time_sec": ".1f", "seconds": ".1f", "latency_ms": ".4f", "params_ratio": ".1f",
-           "macs_ratio": ".1f", "latency_ratio": ".1f", "average_rank": ".2f"}
+# Columns that are not metrics (those have their format in kd.report.metrics.METRICS).
+NUMBERS = {"difference": "+.2f", "difference_last": "+.2f", "loss": ".4f", "seconds": ".1f", "latency_ms": ".4f",
+           "params_ratio": ".1f", "macs_ratio": ".1f", "latency_ratio": ".1f", "average_rank": ".2f"}
 
 
 def _missing(value) -> bool:
@@ -25,8 +25,9 @@ def _missing(value) -> bool:
 def column_format(name: str, values: list) -> str | None:
     """One format for a whole column: the named one, else thousands for whole numbers, else 4 decimals below
     100 and 1 above (so 313.0 and 34.0764 never share a column as "313" and "34.0764")."""
-    if name in NUMBERS:
-        return NUMBERS[name]
+    named = NUMBERS | metric_formats()
+    if name in named:
+        return named[name]
     present = [v for v in values if not _missing(v) and not isinstance(v, bool)]
     if not present or not all(isinstance(v, numbers.Real) for v in present):
         return None
@@ -97,12 +98,11 @@ def hyperparameters(job: Job) -> str:
 
 def epoch_table(jobs: list[Job]) -> str:
     """The method's per-epoch numbers, averaged over its finished seeds."""
-    records = [{"seed": j.seed, **{k: h[k] for k in ("epoch", "loss", "train_acc", "val_acc", "seconds")}}
-               for j in jobs if j.status == OK for h in j.results["history"]]
-    if not records:
+    columns = ["loss", "train_acc", "val_acc", "seconds"]
+    history = history_table(jobs)
+    if history.empty:
         return "No finished job: no per-epoch numbers."
-    mean = pd.DataFrame(records).drop(columns="seed").groupby("epoch").mean().reset_index()
-    return table(mean, ["epoch", "loss", "train_acc", "val_acc", "seconds"])
+    return table(history.groupby("epoch")[columns].mean().reset_index(), ["epoch", *columns])
 
 
 def method_section(jobs: list[Job], summary: pd.DataFrame, curve: Path, folder: Path) -> str:
@@ -117,8 +117,7 @@ def method_section(jobs: list[Job], summary: pd.DataFrame, curve: Path, folder: 
         hyperparameters(first),
         f"![{first.label}: accuracy per epoch]({curve.relative_to(folder).as_posix()})",
         epoch_table(jobs),
-        table(rows, ["job", "seed", "status", "test_acc", "test_acc_last", "test_loss", "ece", "agreement", "kl",
-                     "cosine", "entropy", "cka", "train_time_sec", "train_acc", "val_acc", "best_epoch", "reason"]),
+        table(rows, ["job", "seed", "status", *metric_names(), "best_epoch", "reason"]),
     ])
 
 
@@ -135,15 +134,53 @@ def hyperparameter_section(best: pd.DataFrame, plots: dict[str, Path], folder: P
             table(best), *figures]
 
 
-def per_class_table(matrices: dict) -> str:
-    """Each class's test accuracy (recall) per teacher and method, seeds pooled."""
-    rows = [{"model": label, **{f"class {c}": a for c, a in enumerate(per_class_accuracy(m).tolist())}}
+def per_class_table(matrices: dict, class_names: list[str] | None) -> str:
+    """Each class's test accuracy (recall) per teacher and method, seeds pooled; columns named by class."""
+    rows = [{"model": label, **{class_names[c] if class_names else f"class {c}": a
+                                for c, a in enumerate(per_class_accuracy(m).tolist())}}
             for label, m in matrices.items()]
     return table(pd.DataFrame(rows))
 
 
+def rank_note() -> str:
+    """How the rank table is formed, from the metrics' declarations."""
+    ranked = ranked_metrics()
+    higher = ", ".join(m.name for m in ranked if m.higher_is_better)
+    lower = ", ".join(m.name for m in ranked if not m.higher_is_better)
+    unranked = ", ".join(name for name in metric_names() if name not in {m.name for m in ranked})
+    primary = primary_metric().name
+    return (f"Each method's {', '.join(m.name for m in ranked)}, averaged over its finished seeds, is ranked among "
+            f"the methods (1 = best; higher is better for {higher}, lower for {lower}; ties share the better rank) "
+            f"and average_rank is the mean of those ranks; {unranked} are not ranked (no better direction, or not "
+            f"a test-set quality), and the rows are sorted by {primary}, best first.")
+
+
+def _mean_std(mean, std, fmt: str) -> str:
+    if _missing(mean):
+        return ""
+    return format(mean, fmt) + ("" if _missing(std) else f" ± {format(std, fmt.lstrip('+'))}")
+
+
+def seed_cells(seeds: pd.DataFrame) -> pd.DataFrame:
+    """The seed table with each metric's mean and standard deviation in one cell (seeds.csv keeps them apart)."""
+    shown = seeds[["method", "method_name", "jobs", "finished", "failed_or_missing", "pairs_with_ce"]].copy()
+    shown["test_acc_minus_ce"] = [_mean_std(m, se, "+.4f") for m, se in
+                                  zip(seeds.test_acc_minus_ce_mean, seeds.test_acc_minus_ce_se)]
+    for name, fmt in metric_formats().items():
+        shown[name] = [_mean_std(m, s, fmt) for m, s in zip(seeds[f"{name}_mean"], seeds[f"{name}_std"])]
+    return shown
+
+
+def problems_section(problems: list[str]) -> str:
+    """What the report could not do beyond its files (W&B logging or its Report); empty when nothing failed."""
+    if not problems:
+        return ""
+    return "## Not done\n\n" + "\n".join(f"- {p}" for p in problems) + "\n"
+
+
 def report(title: str, summary: pd.DataFrame, ranks: pd.DataFrame, seeds: pd.DataFrame, best: pd.DataFrame,
-           matrices: dict, methods: list[list[Job]], plots: dict[str, Path], folder: Path, notes: list[str]) -> str:
+           matrices: dict, class_names: list[str] | None, methods: list[list[Job]], plots: dict[str, Path],
+           folder: Path, notes: list[str]) -> str:
     link = lambda name, caption: f"![{caption}]({plots[name].relative_to(folder).as_posix()})"  # noqa: E731
     parts = [
         f"# {title}",
@@ -159,20 +196,21 @@ def report(title: str, summary: pd.DataFrame, ranks: pd.DataFrame, seeds: pd.Dat
         "test_acc: the best epoch's student (by validation accuracy), evaluated here; test_acc_last: the last "
         "epoch's, as the run recorded it (some papers report that one); cka: linear CKA of the student's and the "
         "teacher's embeddings (the `embed` tap) on the test set.",
-        table(summary, ["label", "job", "seed", "status", "arch", "test_acc", "test_acc_last", "test_loss", "ece",
-                        "agreement", "kl", "cosine", "entropy", "cka", "train_time_sec", "val_acc", "best_epoch",
-                        "reason"]),
+        table(summary, ["label", "job", "seed", "status", "arch", *metric_names(), "best_epoch", "reason"]),
         "## Ranks (1 = best; seeds averaged; ranks.csv)",
-        table(ranks, ["method", "method_name", *[c for c in ranks.columns if c.startswith("rank_")], "average_rank"]),
-        "## Seeds (mean, standard deviation, paired difference to the ce run of the same seed; seeds.csv)",
-        table(seeds),
-        "## Validation accuracy per epoch",
-        link("validation_curves", "validation accuracy per epoch"),
+        table(ranks, ["method", "method_name", primary_metric().name,
+                      *[c for c in ranks.columns if c.startswith("rank_")], "average_rank"]),
+        rank_note(),
+        "## Seeds (mean ± standard deviation over finished seeds; test_acc_minus_ce: the mean paired difference to "
+        "the ce run of the same seed ± its standard error; seeds.csv)",
+        table(seed_cells(seeds)),
+        "## Loss and accuracy per epoch (mean ± standard deviation over seeds)",
+        link("curves", "loss, training and validation accuracy per epoch"),
         f"## Reliability diagrams ({ECE_BINS} equal-width confidence bins (i/{ECE_BINS}, (i+1)/{ECE_BINS}], the "
         "top one including 1.0, as for the ECE column; a method's seeds pooled)",
         link("reliability", "reliability diagrams"),
         "## Per-class accuracy and confusion matrices (a method's seeds pooled; per_class.csv)",
-        per_class_table(matrices),
+        per_class_table(matrices, class_names),
         link("confusion", "confusion matrices"),
     ]
     return "\n\n".join(parts) + "\n"

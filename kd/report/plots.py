@@ -12,12 +12,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
-from kd.report.collect import OK, Job, search_space, short  # noqa: E402
+from kd.report.collect import OK, Job, readable_values, search_space, short  # noqa: E402
 from kd.report.metrics import expected_calibration_error, per_class_accuracy  # noqa: E402
-from kd.report.tables import BASELINE, students  # noqa: E402
+from kd.report.tables import BASELINE, epoch_statistics, history_table, students  # noqa: E402
 
 TEACHER, STUDENT = "teacher", "student"
 BAR_COLOURS = {TEACHER: "black", BASELINE: "tab:grey", STUDENT: "tab:blue"}
+# The per-epoch numbers of results.json's history that curves.png draws, with their axis labels.
+CURVES = {"loss": "training loss (total)", "train_acc": "training accuracy (running, augmented)",
+          "val_acc": "validation accuracy"}
+CLASS_TICKS = 20  # the most class names on a confusion matrix's axis; beyond, every k-th class is named
 
 
 def _colours(labels) -> dict:
@@ -107,25 +111,27 @@ def accuracy_vs_time(summary: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def validation_curves(jobs: list[Job], path: Path, title: str = "Validation accuracy per epoch") -> Path:
-    """One line per finished job; the seeds of a method share its colour."""
+def curves_figure(jobs: list[Job]):
+    """One panel per number in CURVES against the epoch: a line per method (and grid point) at the mean over its
+    finished seeds, and a band of one standard deviation either side where it has more than one."""
+    stats = epoch_statistics(history_table(jobs), list(CURVES))
     colours = _colours(list(dict.fromkeys(j.label for j in jobs)))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    seen = set()
-    for job in jobs:
-        if job.status != OK:
-            continue
-        history = job.results["history"]
-        ax.plot([h["epoch"] for h in history], [h["val_acc"] for h in history], marker="o", markersize=3,
-                color=colours[job.label], label=None if job.label in seen else job.label)
-        seen.add(job.label)
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("validation accuracy")
-    ax.set_title(title)
-    if seen:
-        _legend(ax)
-    return _save(fig, path)
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.6), squeeze=False, layout="constrained")
+    for ax, (key, title) in zip(axes.flat, CURVES.items()):
+        for label, group in stats.groupby("label", sort=False):
+            mean, std = group[f"{key}_mean"], group[f"{key}_std"]
+            ax.plot(group.epoch, mean, marker="o", markersize=3, color=colours[label], label=label)
+            ax.fill_between(group.epoch, mean - std, mean + std, color=colours[label], alpha=0.2, linewidth=0)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_title(title, fontsize=9)
+    if len(stats):
+        _legend(axes.flat[-1])
+    return fig
+
+
+def curves(jobs: list[Job], path: Path) -> Path:
+    return _save(curves_figure(jobs), path)
 
 
 def method_curve(jobs: list[Job], path: Path) -> Path:
@@ -140,7 +146,7 @@ def method_curve(jobs: list[Job], path: Path) -> Path:
         ax.plot(epochs, [h["val_acc"] for h in history], marker="o", markersize=3, color=colours(i % 10),
                 label=f"val, seed {job.seed}")
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_ylabel("accuracy")
     ax.set_title(jobs[0].label, fontsize=9)
     if any(j.status == OK for j in jobs):
@@ -182,9 +188,16 @@ def reliability(bins: dict[str, dict], path: Path) -> Path:
     return _save(reliability_figure(bins), path)
 
 
-def confusion_matrices(matrices: dict, path: Path) -> Path:
+def _class_ticks(ax, names: list[str]) -> None:
+    step = math.ceil(len(names) / CLASS_TICKS)
+    ticks = range(0, len(names), step)
+    ax.set_xticks(ticks, [names[i] for i in ticks], fontsize=6, rotation=90)
+    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=6)
+
+
+def confusion_figure(matrices: dict, class_names: list[str] | None = None):
     """Per teacher and method (seeds pooled): rows = true class, normalised to sum 1; each class's accuracy on the
-    diagonal."""
+    diagonal. Classes named when their names are known, else numbered."""
     fig, axes = _grid(len(matrices), 2.8)
     for ax, (label, matrix) in zip(axes.flat, matrices.items()):
         counts = np.asarray(matrix, dtype=float)
@@ -193,12 +206,15 @@ def confusion_matrices(matrices: dict, path: Path) -> Path:
         ax.imshow(np.nan_to_num(share), vmin=0, vmax=1, cmap="Blues")
         accuracy = np.nanmean(per_class_accuracy(matrix).numpy())
         ax.set_title(f"{label}\nmean per-class accuracy {accuracy:.3f}", fontsize=8)
-        ticks = range(len(counts))
-        ax.set_xticks(ticks, ticks, fontsize=6)
-        ax.set_yticks(ticks, ticks, fontsize=6)
+        named = class_names is not None and len(class_names) == len(counts)
+        _class_ticks(ax, class_names if named else [str(c) for c in range(len(counts))])
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("true", fontsize=8)
-    return _save(fig, path)
+    return fig
+
+
+def confusion_matrices(matrices: dict, path: Path, class_names: list[str] | None = None) -> Path:
+    return _save(confusion_figure(matrices, class_names), path)
 
 
 def _number(value: str) -> float | str:
@@ -242,8 +258,8 @@ def grid_heatmap(jobs: list[Job], keys: list[str], path: Path) -> Path:
     if not np.isnan(grid).all():
         i, k = np.unravel_index(np.nanargmax(grid), grid.shape)
         ax.add_patch(plt.Rectangle((k - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xticks(range(len(cols)), list(map(readable_values(cols).get, cols)))
+    ax.set_yticks(range(len(rows)), list(map(readable_values(rows).get, rows)))
     ax.set_xlabel(short(keys[1]))
     ax.set_ylabel(short(keys[0]))
     ax.set_title(f"{jobs[0].method}: validation accuracy (best epoch, mean over seeds)", fontsize=9)

@@ -9,7 +9,7 @@ import torch
 
 from kd.report.collect import FAILED, OK, Job
 from kd.report.evaluate import Evaluator, Teacher
-from kd.report.metrics import confusion, linear_cka, logit_metrics, reliability_bins
+from kd.report.metrics import Outputs, computed_metrics, confusion, recorded_metrics, reliability_bins
 
 log = logging.getLogger(__name__)
 RATIOS = {"params": "params", "macs": "macs", "latency_ms": "latency"}  # teacher / student, as the notebook gave them
@@ -43,8 +43,8 @@ def teacher_row(teacher: Teacher, name: str, job: Job, evaluator: Evaluator) -> 
            "teacher": name, "data": str(job.cfg.data.name), "sweep": str(job.sweep)}
     row |= evaluator.complexity(job.cfg.model.teacher)
     if teacher.logits is not None:
-        row |= logit_metrics(teacher.logits, evaluator.test_split(job)[1], teacher.logits)
-        row["cka"] = linear_cka(teacher.embed, teacher.embed)
+        row |= computed_metrics(Outputs(teacher.logits, evaluator.test_split(job)[1], teacher.logits, teacher.embed,
+                                        teacher.embed))
     return row
 
 
@@ -54,7 +54,7 @@ def student_row(job: Job, teacher_name: str) -> dict:
             "method_name": str(job.cfg.method.display_name), "label": job.label, "seed": job.seed,
             "status": job.status, "reason": job.reason, "arch": str(job.cfg.model.student.name),
             "teacher": teacher_name, "data": str(job.cfg.data.name), "kd_epochs": int(job.cfg.kd_epochs),
-            **{k: results.get(k) for k in ("train_time_sec", "train_acc", "val_acc", "best_epoch", "test_acc_last")}}
+            "best_epoch": results.get("best_epoch"), **recorded_metrics(results)}
 
 
 def evaluate_jobs(jobs: list[Job], evaluator: Evaluator) -> Evaluated:
@@ -77,8 +77,8 @@ def evaluate_jobs(jobs: list[Job], evaluator: Evaluator) -> Evaluated:
             else:
                 known = teacher.logits is not None
                 reference = teacher.logits if known else torch.full_like(out.logits, math.nan)
-                row |= logit_metrics(out.logits, test_y, reference)
-                row["cka"] = linear_cka(out.embed, teacher.embed) if known else math.nan
+                row |= computed_metrics(Outputs(out.logits, test_y, reference, out.embed,
+                                                teacher.embed if known else None))
                 evaluated.add(job.label, out.logits, test_y)
         size = evaluator.complexity(job.cfg.model.student)
         row |= size | {f"{name}_ratio": _ratio(teacher_stats[key], size[key]) for key, name in RATIOS.items()}

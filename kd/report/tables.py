@@ -4,27 +4,28 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kd.report.collect import OK
-from kd.report.metrics import HIGHER_IS_BETTER
+from kd.report.collect import OK, Job
+from kd.report.metrics import metric_names, primary_metric, ranked_metrics
 
 IDENTITY = ["role", "sweep", "job", "method", "method_name", "label", "seed", "status", "reason", "arch", "teacher",
             "data", "kd_epochs"]
-METRICS = list(HIGHER_IS_BETTER)
 COMPLEXITY = ["params", "trainable_params", "layers", "macs", "flops", "latency_ms", "params_ratio", "macs_ratio",
               "latency_ratio"]
-SIMILARITY = ["cka"]  # linear CKA of the student's and the teacher's embeddings (not ranked: a description)
-TRAINING = ["train_time_sec", "train_acc", "val_acc", "best_epoch", "test_acc_last"]
-SUMMARY_COLUMNS = IDENTITY + METRICS + SIMILARITY + COMPLEXITY + TRAINING
 COUNTS = ["seed", "kd_epochs", "params", "trainable_params", "layers", "macs", "flops", "best_epoch"]
 # Matched by the baseline's paired difference: the same seed on the same student, data and epoch budget.
 PAIRING = ["seed", "arch", "data", "kd_epochs"]
 BASELINE = "ce"
 
 
+def summary_columns() -> list[str]:
+    return IDENTITY + metric_names() + COMPLEXITY + ["best_epoch"]
+
+
 def summary_table(rows: list[dict]) -> pd.DataFrame:
     """Teachers first, then every job in sweep order; a job that failed keeps its row, with empty numbers."""
     # Nullable integers: a teacher row or a failed job leaves them empty without turning seeds into floats.
-    return pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS).astype({c: "Int64" for c in COUNTS})
+    return (pd.DataFrame(rows).reindex(columns=summary_columns())
+            .astype({c: "Int64" for c in COUNTS} | {name: "float64" for name in metric_names()}))
 
 
 def students(summary: pd.DataFrame) -> pd.DataFrame:
@@ -32,22 +33,25 @@ def students(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def rank_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Each method (its seeds averaged) ranked per metric, 1 = best; sorted by the average of those ranks.
+    """Each method: every metric averaged over its finished seeds; each ranked metric's rank (1 = best, ties share
+    the better rank) and the average of those ranks. Sorted by the primary metric, best first.
 
     A method with no finished job keeps its row with empty ranks, at the bottom.
     """
     jobs = students(summary)
-    means = (jobs[jobs.status == OK].groupby("label", sort=False)[METRICS].mean()
+    means = (jobs[jobs.status == OK].groupby("label", sort=False)[metric_names()].mean()
              .reindex(jobs.label.unique()))
-    ranks = pd.DataFrame({m: means[m].rank(ascending=not up, method="min") for m, up in HIGHER_IS_BETTER.items()})
-    table = means.join(ranks.add_prefix("rank_"))
+    ranks = pd.DataFrame({m.name: means[m.name].rank(ascending=not m.higher_is_better, method="min")
+                          for m in ranked_metrics()}, index=means.index)
+    table = means.join(ranks.add_prefix("rank_").astype("Int64"))
     table["average_rank"] = ranks.mean(axis=1, skipna=False)
     table.insert(0, "method_name", jobs.groupby("label", sort=False).method_name.first())
-    return table.sort_values("average_rank", na_position="last").rename_axis("method").reset_index()
+    primary = primary_metric()
+    return (table.sort_values(primary.name, ascending=not primary.higher_is_better, na_position="last", kind="stable")
+            .rename_axis("method").reset_index())
 
 
-def seed_table(summary: pd.DataFrame, columns=("test_acc", "test_acc_last", "val_acc", "train_acc", "train_time_sec",
-                                               "ece", "cka")) -> pd.DataFrame:
+def seed_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Per method over its seeds: mean and standard deviation, and the mean paired difference in test accuracy
     to the cross-entropy run with the same seed (student, data and epochs), with its standard error."""
     jobs = students(summary)
@@ -58,7 +62,7 @@ def seed_table(summary: pd.DataFrame, columns=("test_acc", "test_acc_last", "val
         ok = group[group.status == OK]
         row = {"method": label, "method_name": group.method_name.iloc[0], "jobs": len(group), "finished": len(ok),
                "failed_or_missing": len(group) - len(ok)}
-        for c in columns:
+        for c in metric_names():
             row[f"{c}_mean"] = ok[c].mean()
             row[f"{c}_std"] = ok[c].std(ddof=1)
         paired = ok.set_index(PAIRING).test_acc - baseline.reindex(ok.set_index(PAIRING).index).values
@@ -88,3 +92,17 @@ def best_table(summary: pd.DataFrame) -> pd.DataFrame:
                      "val_acc": best.val_acc, "test_acc": best.test_acc, "test_acc_last": best.test_acc_last})
     return pd.DataFrame(rows, columns=["method", "method_name", "configurations", "best", "seeds", "val_acc",
                                        "test_acc", "test_acc_last"])
+
+
+def history_table(jobs: list[Job]) -> pd.DataFrame:
+    """One row per finished job and epoch: its label and seed, and the numbers results.json's history records."""
+    records = [{"label": j.label, "seed": j.seed, **{k: v for k, v in h.items() if not isinstance(v, dict)}}
+               for j in jobs if j.status == OK for h in j.results["history"]]
+    return pd.DataFrame(records)
+
+
+def epoch_statistics(history: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per label and epoch, each key's mean and standard deviation over the seeds (`<key>_mean`, `<key>_std`)."""
+    grouped = history.reindex(columns=["label", "epoch", *keys]).groupby(["label", "epoch"], sort=False)[keys]
+    stats = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=1).add_suffix("_std"))
+    return stats.reset_index()

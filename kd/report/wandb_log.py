@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,12 @@ from kd.run_folder import wandb_group
 
 log = logging.getLogger(__name__)
 WANDB_LOGGER = "kd.loggers.WandbLogger"
+
+
+@dataclass
+class Logged:
+    folder: str | None  # the W&B run's folder; None when logging failed
+    error: str = ""     # what failed, for report.md
 
 
 def sweep_group(job: Job) -> str:
@@ -35,10 +42,10 @@ def resolved_mode(jobs: list[Job], mode: str | None) -> str | None:
 
 
 def log_report(jobs: list[Job], tables: dict[str, pd.DataFrame], plots: dict[str, Path], folder: Path,
-               mode: str | None) -> str | None:
-    """Log to W&B in the `resolved_mode`. Returns the run's folder.
+               mode: str | None) -> Logged | None:
+    """Log to W&B in the `resolved_mode`; None when the report is not logged to W&B.
 
-    A W&B failure warns and leaves the written report as it is.
+    A W&B failure warns, is returned in `error`, and leaves the written report as it is.
     """
     logger, mode = jobs[0].cfg.logger, resolved_mode(jobs, mode)
     if mode is None:
@@ -48,12 +55,14 @@ def log_report(jobs: list[Job], tables: dict[str, pd.DataFrame], plots: dict[str
 
         run = wandb.init(project=str(logger.get("project") or "kd-cifar10"), entity=logger.get("entity"),
                          mode=mode, group=sweep_group(jobs[0]),
-                         name="report", job_type="report", dir=str(folder), reinit="finish_previous")
+                         name="report", job_type="report", dir=str(folder), reinit="finish_previous",
+                         settings=wandb.Settings(silent=bool(logger.get("quiet", True))))  # as the jobs logged
         run.log({**{name: wandb.Table(dataframe=df.astype(object).where(df.notna(), None))
                     for name, df in tables.items()},
                  **{name.replace(":", "/"): wandb.Image(str(path)) for name, path in plots.items()}})
         run.finish()
-        return str(getattr(run, "dir", "") or folder)
+        return Logged(str(getattr(run, "dir", "") or folder))
     except Exception as err:  # the report on disk is what matters; W&B is a copy of it
-        warnings.warn(f"W&B logging of the report failed: {type(err).__name__}: {err}")
-        return None
+        error = f"W&B logging of the report failed: {type(err).__name__}: {err}"
+        warnings.warn(error)
+        return Logged(None, error)

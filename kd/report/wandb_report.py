@@ -30,8 +30,9 @@ SECTIONS = ("history", "summary", "config")  # where a panel's key lives in a W&
 
 @dataclass
 class Published:
-    spec: Path
-    url: str | None
+    spec: Path | None   # None: the spec could not be built
+    url: str | None     # None: not published (offline, or publishing failed)
+    error: str = ""     # what failed, for report.md
 
 
 def _flat_config(cfg) -> set[str]:
@@ -195,7 +196,7 @@ def publish(spec: dict) -> str:
 def wandb_report(jobs: list[Job], summary: pd.DataFrame, best: pd.DataFrame, folder: Path,
                  mode: str | None) -> Published | None:
     """With the W&B logger (or --wandb given): the spec saved in `folder`, and published when online. A failure
-    warns and leaves the written report as it is."""
+    warns, is returned in `error`, and leaves the written files as they are."""
     mode = resolved_mode(jobs, mode)
     if mode is None:
         return None
@@ -209,10 +210,11 @@ def wandb_report(jobs: list[Job], summary: pd.DataFrame, best: pd.DataFrame, fol
         log.info("W&B report: %s", url)
         return Published(path, url)
     except Exception as err:  # the report on disk is what matters
-        warnings.warn(f"the W&B report was not {'published' if path.exists() else 'built'}: {type(err).__name__}: "
-                      f"{err}" + (f"; its spec is in {path}: python -m kd.report.publish {folder}" if path.exists()
-                                  else ""))
-        return Published(path, None) if path.exists() else None
+        saved = path.exists()
+        error = (f"the W&B report was not {'published' if saved else 'built'}: {type(err).__name__}: {err}"
+                 + (f"; its spec is in {path}: python -m kd.report.publish {folder}" if saved else ""))
+        warnings.warn(error)
+        return Published(path if saved else None, None, error)
 
 
 def load_spec(folder: Path) -> dict:

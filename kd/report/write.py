@@ -9,12 +9,13 @@ import torch
 
 from kd.io import save_text
 from kd.report import markdown, plots, tables
-from kd.report.collect import collect, sweep_progress
+from kd.report.classes import shared_class_names
+from kd.report.collect import Job, collect, sweep_progress
 from kd.report.complexity import MIN_TIMED
 from kd.report.evaluate import Evaluator, LatencySettings
 from kd.report.metrics import per_class_accuracy
 from kd.report.published import comparison as published_numbers
-from kd.report.rows import evaluate_jobs
+from kd.report.rows import Evaluated, evaluate_jobs
 from kd.report.wandb_log import log_report
 from kd.report.wandb_report import Published, wandb_report
 
@@ -44,36 +45,13 @@ def write_report(folders: list[Path], device: torch.device, latency: LatencySett
     evaluated = evaluate_jobs(jobs, Evaluator(device, latency))
     summary = tables.summary_table(evaluated.rows)
     ranks, seeds, best = tables.rank_table(summary), tables.seed_table(summary), tables.best_table(summary)
-    per_class = pd.DataFrame([{"model": label, "class": c, "accuracy": a, "test_images": int(n)}
-                              for label, m in evaluated.confusion.items()
-                              for c, (a, n) in enumerate(zip(per_class_accuracy(m).tolist(), m.sum(1).tolist()))])
-
-    by_label: dict[str, list] = {}
-    by_method: dict[str, list] = {}
-    for job in jobs:
-        by_label.setdefault(job.label, []).append(job)
-        by_method.setdefault(job.method, []).append(job)
-    figures = out / PLOTS
-    drawn = {"test_accuracy": plots.test_accuracy(summary, figures / "test_accuracy.png"),
-             "accuracy_vs_time": plots.accuracy_vs_time(summary, figures / "accuracy_vs_time.png"),
-             "validation_curves": plots.validation_curves(jobs, figures / "validation_curves.png"),
-             "reliability": plots.reliability(evaluated.bins, figures / "reliability.png"),
-             "confusion": plots.confusion_matrices(evaluated.confusion, figures / "confusion.png"),
-             **plots.hyperparameter_plots(by_method, figures)}
-    for label, group in by_label.items():
-        drawn[f"curve:{label}"] = plots.method_curve(group, figures / f"curve_{_slug(label)}.png")
-
-    progress = [f"{f}: {p}" for f in folders if (p := sweep_progress(f, jobs))]
-    notes = [f"sweep folder(s): {', '.join(str(f.resolve()) for f in folders)}", *progress,
-             f"evaluated on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}); "
-             + (f"latency: fp32, batch {latency.batch_size}, median of up to {latency.repeats} passes (at most "
-                  f"{latency.seconds:g} s of them per model, at least {MIN_TIMED}) after {latency.warmup} warm-up"
-                if latency.repeats else "latency: not measured (--latency-repeats 0)"),
-             "accuracies are fractions; KL is KL(teacher || student) of the softmax outputs; MACs and FLOPs per "
-             "32x32 image (torch.utils.flop_counter, FLOPs = 2 x MACs)"]
-    text = markdown.report("Comparison report", summary, ranks, seeds, best, evaluated.confusion,
-                           list(by_label.values()), drawn, out, notes)
-    data = {"summary": summary, "ranks": ranks, "seeds": seeds, "best": best, "per_class": per_class}
+    names = shared_class_names(jobs)
+    by_label = grouped(jobs, lambda job: job.label)
+    drawn = draw(jobs, summary, evaluated, names, by_label, out / PLOTS)
+    text = markdown.report("Comparison report", summary, ranks, seeds, best, evaluated.confusion, names,
+                           list(by_label.values()), drawn, out, notes(folders, jobs, device, latency))
+    data = {"summary": summary, "ranks": ranks, "seeds": seeds, "best": best,
+            "per_class": per_class_table(evaluated, names)}
     beside = published_numbers(jobs)
     if len(beside):  # CIFAR-100 jobs of a published pair and method
         text += "\n" + markdown.published_section(beside)
@@ -82,6 +60,50 @@ def write_report(folders: list[Path], device: torch.device, latency: LatencySett
     save_text(text, files[0])
     for df, path in zip(data.values(), files[1:]):
         save_text(df.to_csv(index=False), path)
-    wandb_dir = log_report(jobs, data, drawn, out, wandb_mode)
+    logged = log_report(jobs, data, drawn, out, wandb_mode)
     published = wandb_report(jobs, summary, best, out, wandb_mode)
-    return Written(out, files + list(drawn.values()), summary, ranks, seeds, wandb_dir, published)
+    problems = [r.error for r in (logged, published) if r is not None and r.error]
+    if problems:  # the files are written first; W&B only copies them
+        save_text(text + "\n" + markdown.problems_section(problems), files[0])
+    return Written(out, files + list(drawn.values()), summary, ranks, seeds, logged.folder if logged else None,
+                   published)
+
+
+def grouped(jobs: list[Job], key) -> dict[str, list[Job]]:
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(key(job), []).append(job)
+    return groups
+
+
+def draw(jobs: list[Job], summary: pd.DataFrame, evaluated: Evaluated, class_names: list[str] | None,
+         by_label: dict[str, list[Job]], figures: Path) -> dict[str, Path]:
+    """Every plot, by name (a method's own curve as `curve:<label>`)."""
+    drawn = {"test_accuracy": plots.test_accuracy(summary, figures / "test_accuracy.png"),
+             "accuracy_vs_time": plots.accuracy_vs_time(summary, figures / "accuracy_vs_time.png"),
+             "curves": plots.curves(jobs, figures / "curves.png"),
+             "reliability": plots.reliability(evaluated.bins, figures / "reliability.png"),
+             "confusion": plots.confusion_matrices(evaluated.confusion, figures / "confusion.png", class_names),
+             **plots.hyperparameter_plots(grouped(jobs, lambda job: job.method), figures)}
+    for label, group in by_label.items():
+        drawn[f"curve:{label}"] = plots.method_curve(group, figures / f"curve_{_slug(label)}.png")
+    return drawn
+
+
+def per_class_table(evaluated: Evaluated, class_names: list[str] | None) -> pd.DataFrame:
+    return pd.DataFrame([{"model": label, "class": c, "class_name": class_names[c] if class_names else "",
+                          "accuracy": a, "test_images": int(n)}
+                         for label, m in evaluated.confusion.items()
+                         for c, (a, n) in enumerate(zip(per_class_accuracy(m).tolist(), m.sum(1).tolist()))])
+
+
+def notes(folders: list[Path], jobs: list[Job], device: torch.device, latency: LatencySettings) -> list[str]:
+    """The report's opening lines: what it read, how far each sweep got, where and how it measured."""
+    progress = [f"{f}: {p}" for f in folders if (p := sweep_progress(f, jobs))]
+    return [f"sweep folder(s): {', '.join(str(f.resolve()) for f in folders)}", *progress,
+            f"evaluated on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}); "
+            + (f"latency: fp32, batch {latency.batch_size}, median of up to {latency.repeats} passes (at most "
+               f"{latency.seconds:g} s of them per model, at least {MIN_TIMED}) after {latency.warmup} warm-up"
+               if latency.repeats else "latency: not measured (--latency-repeats 0)"),
+            "accuracies are fractions; KL is KL(teacher || student) of the softmax outputs; MACs and FLOPs per "
+            "32x32 image (torch.utils.flop_counter, FLOPs = 2 x MACs)"]
