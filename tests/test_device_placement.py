@@ -4,7 +4,7 @@ The `meta` device stands in for a GPU: a module on `meta` beside a CPU tensor fa
 CUDA one ("Tensor on device cpu is not on the expected device meta!"), and a meta tensor has no values, so any
 host read inside a step (`.item()`, `if tensor:`, a boolean-mask selection whose size the host must learn)
 fails too. What only CUDA exercises (CUDA graphs, the CUDA RNG state on resume, autocast's choices) is left to
-`python -m kd.bench gpu` (README, "GPU check").
+`python -m kd.bench gpu` (docs/speed.md, "GPU check").
 """
 import dataclasses
 

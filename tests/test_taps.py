@@ -23,7 +23,7 @@ def every_tap(name):
     return cfg, tapped(cfg, model, list(cfg.taps))
 
 
-# Where an architecture cannot meet a definition below, its YAML says so under `tap_exceptions` (README, Feature
+# Where an architecture cannot meet a definition below, its YAML says so under `tap_exceptions` (docs/configuration.md, Feature
 # taps); a model without that key is held to every definition.
 EXCEPTIONS = {
     "linear_stages",    # true: stages end in a linear bottleneck (no activation), so stageK_preact is stageK itself
