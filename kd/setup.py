@@ -68,7 +68,8 @@ def build_networks(cfg: DictConfig, prepared: Prepared, teacher_model: torch.nn.
     student = tapped(cfg.model.student, instantiate(cfg.model.student.arch).to(prepared.device), taps, normalize)
     shapes = {"student": probe_shapes(student, prepared.device), "teacher": probe_shapes(teacher, prepared.device)}
     loss = prepared.loss_factory(feature_shapes=shapes, num_classes=cfg.data.num_classes, num_train=len(train_labels),
-                                 train_labels=train_labels, teacher_model=teacher_model, teacher_taps=dict(teacher.taps))
+                                 train_labels=train_labels, teacher_model=teacher_model, teacher_taps=dict(teacher.taps),
+                                 student_model=student.model, student_taps=dict(student.taps))
     return student, teacher, loss.to(prepared.device)
 
 

@@ -18,13 +18,16 @@ from kd.taps import Outputs, TappedModel
 FeatureShapes = dict[str, dict[str, tuple[int, ...]]]
 """{"student": {"feat": (C, H, W)}, "teacher": {...}}: shapes of the tapped features, per sample."""
 
-PROVIDED = ("feature_shapes", "num_classes", "num_train", "train_labels", "teacher_model", "teacher_taps")
+PROVIDED = ("feature_shapes", "num_classes", "num_train", "train_labels", "teacher_model", "teacher_taps",
+            "student_model", "student_taps")
 """Constructor arguments the harness fills in when a loss names them (never written in the YAML):
 `feature_shapes` (measured with one probe batch), `num_classes`, `num_train` (training images: the size of a
 memory bank indexed by `batch.indices`), `train_labels` (the label of every training image, by index) and
 `teacher_model` (the frozen teacher network, for a loss that reads its parameters, e.g. BatchNorm statistics;
 read them in `__init__`: the trainer may fold the teacher's BatchNorms into its convolutions afterwards) and
-`teacher_taps` (each of the method's feature names -> the teacher's tap spec, e.g. `layer3.8.relu:input`)."""
+`teacher_taps` (each of the method's feature names -> the teacher's tap spec, e.g. `layer3.8.relu:input`);
+`student_model` and `student_taps` the same for the student (a loss that applies the student's own classifier to
+its feature maps; never register the student as a submodule of the loss: its parameters are the student's)."""
 
 
 class LossParts(NamedTuple):
