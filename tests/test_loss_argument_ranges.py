@@ -26,7 +26,7 @@ def loss_arguments(method):
     """(the method's loss class, its YAML arguments, resolved)."""
     loss = config(method).method.loss
     arguments = OmegaConf.to_container(loss, resolve=True)
-    return loss_factory(loss).loss_class, {k: v for k, v in arguments.items() if k not in ("_target_", "_partial_")}
+    return loss_factory(loss).loss_class, {k: v for k, v in arguments.items() if not k.startswith("_")}
 
 
 def is_number(value):

@@ -94,7 +94,7 @@ def test_dkd_invariants(logits_batch):
 
 
 def test_the_warmup_scales_the_whole_dkd_term_and_not_the_label_loss(logits_batch):
-    from kd.data import Progress
+    from kd.losses.batch import Progress
     zs, zt, y = logits_batch
     loss = _dkd()  # warm-up over 20/240 = 1/12 of the epochs, counted per step
     full = loss(outputs(zs), outputs(zt), make_batch(y))
@@ -109,8 +109,9 @@ def test_the_warmup_scales_the_whole_dkd_term_and_not_the_label_loss(logits_batc
 
 
 def test_a_student_too_confident_for_mdistillers_log_stays_finite_and_exact():
-    """A gt logit 1e4 above the rest: in float32 p_gt rounds to 1, so mdistiller's log(1 - p_gt) is -inf, and
-    its gt logit/T - 1000 still dominates, so its 'non-target' softmax is all gt. Here both stay right."""
+    """A gt logit 1e4 above the rest: in float32 every other class's probability underflows to 0, so mdistiller's
+    log of their sum is -inf, and its gt logit/T - 1000 still dominates, so its 'non-target' softmax is all gt.
+    Here both stay right."""
     y = torch.tensor([2, 0])
     zs64 = torch.tensor([[0.0, 1.0, 1e4, 2.0], [3e3, -1.0, 0.5, 0.0]])
     zt64 = torch.tensor([[0.3, -0.2, 2.0, 0.1], [1.0, 0.2, -0.4, 0.0]])
@@ -132,7 +133,39 @@ def test_a_student_too_confident_for_mdistillers_log_stays_finite_and_exact():
     parts.total.backward()
     assert torch.isfinite(zs.grad).all()
     p_s = torch.softmax(zs.detach() / T, dim=1)
-    assert torch.log(1 - p_s[0, 2]) == float("-inf")  # what mdistiller's torch.log(pred_student) meets
+    assert torch.log(p_s[0].sum() - p_s[0, 2]) == float("-inf")  # what mdistiller's torch.log(pred_student) meets
+
+
+def mdistiller_float32(zs, zt, y, T, alpha, beta):
+    """mdistiller's dkd_loss written out in torch, float32: the log of the summed bins' probabilities."""
+    gt = torch.zeros_like(zs).scatter_(1, y[:, None], 1.0)
+    bins = lambda p: torch.stack([(p * gt).sum(1), (p * (1 - gt)).sum(1)], 1)  # noqa: E731
+    bs, bt = bins(torch.softmax(zs / T, 1)), bins(torch.softmax(zt / T, 1))
+    tckd = (bt * (torch.log(bt) - torch.log(bs))).sum() * T**2 / len(y)
+    pt2 = torch.softmax(zt / T - 1000.0 * gt, 1)
+    nckd = (torch.special.xlogy(pt2, pt2) - pt2 * torch.log_softmax(zs / T - 1000.0 * gt, 1)).sum() * T**2 / len(y)
+    assert tckd.dtype == nckd.dtype == torch.float32
+    return alpha * tckd + beta * nckd, torch.log(bs[:, 1])
+
+
+@pytest.mark.parametrize("lead", [200.0, 600.0])
+def test_mdistillers_log_meets_zero_only_once_every_other_probability_underflows(lead):
+    """float32, T = 4: at a true-class logit of +200 p_gt rounds to 1, yet mdistiller's log of the summed other
+    probabilities (about 9 e^-50) is finite and its loss equals ours; at +600 they underflow to 0 and it is inf."""
+    g = torch.Generator().manual_seed(5)
+    zs, zt = torch.randn(4, 10, generator=g).float(), torch.randn(4, 10, generator=g).float() * 2
+    y = torch.tensor([2, 0, 7, 5])
+    zs[torch.arange(4), y] = lead
+    theirs, log_other = mdistiller_float32(zs, zt, y, 4.0, 1.0, 8.0)
+    total, terms = evaluate(_dkd(), outputs(zs), outputs(zt), y)
+    ours = total - terms["ce"]
+    exact = mdistiller_dkd(zs.double().numpy(), zt.double().numpy(), y.numpy(), 4.0, 1.0, 8.0)  # float64: finite
+    assert torch.all(torch.softmax(zs / 4.0, 1)[torch.arange(4), y] == 1.0)
+    assert ours.item() == pytest.approx(exact, rel=1e-6)
+    if lead == 200.0:
+        assert torch.isfinite(log_other).all() and theirs.item() == pytest.approx(exact, rel=1e-6)
+    else:
+        assert torch.all(log_other == float("-inf")) and theirs.item() == float("inf")
 
 
 def test_standardize_z_scores_both_logit_vectors_first(logits_batch):

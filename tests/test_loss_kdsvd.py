@@ -1,4 +1,6 @@
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,22 +9,26 @@ import torch
 from reference import cross_entropy as np_ce, evaluate, outputs
 
 pytestmark = pytest.mark.usefixtures("float64")
+FIXTURE = Path(__file__).parent / "fixtures" / "kdsvd_reference.json"
 
 
-def np_kdsvd(student_maps, teacher_maps, k=1):
+def np_kdsvd(student_maps, teacher_maps, k=1, teacher_negative=None):
     """RepDistiller's KDSVD, one sample at a time: SVD of each (HW x C) map, the teacher's first k right singular
     vectors, the student's best-aligned of its first k+3 with the teacher's sign, both scaled by the teacher's
-    normalised singular values (the teacher's signed so that its entries sum to >= 0); RBF kernels between
-    consecutive layers; squared differences summed, / B."""
+    normalised singular values; RBF kernels between consecutive layers; squared differences summed, / B.
+    The teacher's vectors are signed so that their entries sum to >= 0, or, given `teacher_negative` (per layer,
+    (B, k) booleans), to the sign another SVD returned (numpy's LAPACK may sign them otherwise than torch's)."""
     batch = student_maps[0].shape[0]
     total, previous = 0.0, None
-    for fs, ft in zip(student_maps, teacher_maps):
+    for layer, (fs, ft) in enumerate(zip(student_maps, teacher_maps)):
         current = []
         for b in range(batch):
             _, s_t, vt_t = np.linalg.svd(ft[b].reshape(ft.shape[1], -1).T, full_matrices=False)
             _, _, vt_s = np.linalg.svd(fs[b].reshape(fs.shape[1], -1).T, full_matrices=False)
             v_t, candidates = vt_t[:k].T, vt_s[:k + 3].T
-            v_t = v_t * np.where(v_t.sum(axis=0) < 0, -1.0, 1.0)  # the teacher's sign: entries summing to >= 0
+            v_t = v_t * np.where(v_t.sum(axis=0) < 0, -1.0, 1.0)
+            if teacher_negative is not None:
+                v_t = v_t * np.where(teacher_negative[layer][b], -1.0, 1.0)
             scale = s_t[:k] / np.linalg.norm(s_t[:k])
             v_s = np.zeros_like(v_t)
             for j in range(k):
@@ -45,10 +51,16 @@ def np_kdsvd(student_maps, teacher_maps, k=1):
 SHAPES = {"a": (8, 4, 4), "b": (16, 2, 2), "c": (6, 3, 3)}
 
 
-def make_kdsvd(student_shapes=SHAPES, teacher_shapes=SHAPES, components=1):
+def torch_svd_sign_negative(feature_maps, k=1):
+    """Per layer, (B, k): whether torch's SVD returns each of the first k right singular vectors with a negative sum."""
+    return [(torch.linalg.svd(f.flatten(2).transpose(1, 2), full_matrices=False)[2][:, :k].sum(2) < 0).numpy()
+            for f in feature_maps.values()]
+
+
+def make_kdsvd(student_shapes=SHAPES, teacher_shapes=SHAPES, components=1, teacher_sign="nonnegative_sum"):
     from kd.losses.kdsvd import KDSVD
     torch.manual_seed(0)
-    return KDSVD(weight=1.0, components=components, features=list(teacher_shapes),
+    return KDSVD(weight=1.0, components=components, features=list(teacher_shapes), teacher_sign=teacher_sign,
                  feature_shapes={"student": student_shapes, "teacher": teacher_shapes})
 
 
@@ -56,17 +68,73 @@ def maps(generator, batch=2, shapes=SHAPES):
     return {name: torch.randn(batch, *shape, generator=generator) for name, shape in shapes.items()}
 
 
+@pytest.mark.parametrize("teacher_sign", ["nonnegative_sum", "svd"])
 @pytest.mark.parametrize("components", [1, 2])
-def test_kdsvd_against_a_per_sample_numpy_loop(components):
-    loss = make_kdsvd(components=components)
+def test_kdsvd_against_a_per_sample_numpy_loop(components, teacher_sign):
+    loss = make_kdsvd(components=components, teacher_sign=teacher_sign)
     assert len(loss.connectors) == 0  # equal channels: the features are compared as they are
     g = torch.Generator().manual_seed(1)
     fs, ft = maps(g), maps(g)
     zs, y = torch.randn(2, 10, generator=g), torch.tensor([4, 1])
-    expected = np_kdsvd([f.numpy() for f in fs.values()], [f.numpy() for f in ft.values()], components)
+    negative = None if teacher_sign == "nonnegative_sum" else torch_svd_sign_negative(ft, components)
+    expected = np_kdsvd([f.numpy() for f in fs.values()], [f.numpy() for f in ft.values()], components, negative)
     total, terms = evaluate(loss, outputs(zs, **fs), outputs(zs, **ft), y)
     assert expected > 0.01 and terms["svd"].item() == pytest.approx(expected, rel=1e-8)
     assert total.item() == pytest.approx(np_ce(zs.numpy(), y.numpy()) + expected, rel=1e-8)
+
+
+def fixture_inputs(recipe):
+    g = torch.Generator().manual_seed(recipe["seed"])
+    make = lambda: {name: torch.randn(recipe["batch"], *recipe["shapes"][name], generator=g,  # noqa: E731
+                                      dtype=torch.float64).clamp_min(0) for name in recipe["layers"]}
+    fs, ft = make(), make()
+    for maps_, sums in ((fs, recipe["check"]["student_sums"]), (ft, recipe["check"]["teacher_sums"])):
+        assert [f.sum().item() for f in maps_.values()] == pytest.approx(sums, rel=1e-12)
+    return fs, ft
+
+
+def svd_term_and_gradient(loss, fs, ft):
+    fs = {name: f.clone().requires_grad_() for name, f in fs.items()}
+    zeros, y = torch.zeros(len(ft["a"]), 10), torch.zeros(len(ft["a"]), dtype=torch.long)
+    _, terms = evaluate(loss, outputs(zeros, **fs), outputs(zeros, **ft), y)
+    terms["svd"].backward()
+    return terms["svd"].item(), torch.cat([f.grad.flatten() for f in fs.values()]).numpy()
+
+
+def test_teacher_sign_svd_matches_repdistillers_kdsvd():
+    """Fixture: RepDistiller's KDSVD(k=1) on seeded post-ReLU-like maps whose teacher vectors LAPACK returns with
+    alternating signs from layer to layer (negative, positive, negative sums)."""
+    reference = json.loads(FIXTURE.read_text())
+    recipe = reference["inputs"]
+    fs, ft = fixture_inputs(recipe)
+    negative = [layer[:, 0].tolist() for layer in torch_svd_sign_negative(ft)]
+    if negative != recipe["teacher_svd_sign_negative"]:
+        pytest.skip(f"this LAPACK returns other singular-vector signs ({negative}) than the one the fixture was made "
+                    f"with ({recipe['teacher_svd_sign_negative']}); RepDistiller's value depends on them")
+    shapes = {name: tuple(shape) for name, shape in recipe["shapes"].items()}
+    expected_gradient = np.array(reference["gradient_wrt_student"])
+    value, gradient = svd_term_and_gradient(make_kdsvd(shapes, shapes, teacher_sign="svd"), fs, ft)
+    assert value == pytest.approx(reference["value"], rel=1e-10)
+    np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-8, atol=1e-10 * np.abs(expected_gradient).max())
+    # the default sign convention: here 92% below RepDistiller's value, the gradient 88% off
+    value, gradient = svd_term_and_gradient(make_kdsvd(shapes, shapes, teacher_sign="nonnegative_sum"), fs, ft)
+    assert value == pytest.approx(0.0836 * reference["value"], rel=1e-2)
+    assert np.linalg.norm(gradient - expected_gradient) > 0.85 * np.linalg.norm(expected_gradient)
+
+
+def test_the_sign_conventions_agree_where_consecutive_layers_get_the_same_sign():
+    """The kernels compare a layer's vector with the previous layer's: flipping both changes nothing, so the two
+    conventions differ only for a sample whose teacher vectors the SVD signs differently from layer to layer."""
+    reference = json.loads(FIXTURE.read_text())
+    recipe = reference["inputs"]
+    fs, ft = fixture_inputs(recipe)
+    shapes = {name: tuple(shape) for name, shape in recipe["shapes"].items()}
+    kept = {"a": ft["a"], "c": ft["c"]}  # both negative for every sample: the pair (a, c) alone agrees
+    fs_kept = {"a": fs["a"], "c": fs["c"]}
+    both = [svd_term_and_gradient(make_kdsvd({k: shapes[k] for k in kept}, {k: shapes[k] for k in kept},
+                                             teacher_sign=sign), fs_kept, kept) for sign in ("nonnegative_sum", "svd")]
+    assert both[0][0] == pytest.approx(both[1][0], rel=1e-12) and both[0][0] > 1e-3
+    np.testing.assert_allclose(both[0][1], both[1][1], rtol=1e-10, atol=1e-14)
 
 
 def test_invariant_to_positive_and_negative_scaling_and_zero_for_equal_maps():
@@ -133,7 +201,9 @@ def test_finite_gradients_for_repeated_and_zero_singular_values():
 def test_a_single_layer_or_a_vector_feature_is_refused():
     from kd.losses.kdsvd import KDSVD
     with pytest.raises(ValueError, match="at least two"):
-        KDSVD(1.0, 1, ["a"], {"student": SHAPES, "teacher": SHAPES})
+        KDSVD(1.0, 1, ["a"], "svd", {"student": SHAPES, "teacher": SHAPES})
     shapes = {"a": (8, 4, 4), "embed": (8,)}
     with pytest.raises(ValueError, match="feature maps"):
-        KDSVD(1.0, 1, ["a", "embed"], {"student": shapes, "teacher": shapes})
+        KDSVD(1.0, 1, ["a", "embed"], "svd", {"student": shapes, "teacher": shapes})
+    with pytest.raises(ValueError, match=r"teacher_sign 'positive' is not one of \['nonnegative_sum', 'svd'\]"):
+        KDSVD(1.0, 1, ["a", "b"], "positive", {"student": SHAPES, "teacher": SHAPES})

@@ -1,4 +1,6 @@
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,46 +10,51 @@ from reference import cross_entropy as np_ce, evaluate, log_softmax as np_log_so
 
 pytestmark = pytest.mark.usefixtures("float64")
 TEMPERATURES = [4.0, 3.0, 5.0, 2.0, 6.0]
+FIXTURE = Path(__file__).parent / "fixtures" / "mlkd_reference.json"
 
 
-def _mlkd(mask_percentile=50.0, temperatures=TEMPERATURES):
+def _mlkd(mask_percentile=50.0, temperatures=TEMPERATURES, masking="released"):
     from kd.losses.mlkd import MLKD
-    return MLKD(temperatures=temperatures, mask_percentile=mask_percentile, ce_weight=0.1, kd_weight=0.9)
+    return MLKD(temperatures=temperatures, mask_percentile=mask_percentile, masking=masking, ce_weight=0.1,
+                kd_weight=0.9)
 
 
-def np_terms(zs, zt, percentile=50.0, temperatures=TEMPERATURES):
-    """The three levels written out with loops, masks from numpy.percentile as in KD_ours.py."""
+def np_terms(zs, zt, percentile=50.0, temperatures=TEMPERATURES, masking="released"):
+    """The three levels written out with loops, masks from numpy.percentile as in KD_ours.py. released: each
+    level's unmasked sum scaled by the kept fraction of its mask; per_sample: only the kept samples' (classes')
+    entries summed."""
     B, C = zs.shape
     p1 = np_softmax(zt)
     confidence, class_mass = p1.max(1), p1.sum(0)
     keep = confidence <= np.percentile(confidence, percentile)
     keep_class = class_mass <= np.percentile(class_mass, percentile)
+    w = np.full(B, keep.mean()) if masking == "released" else keep.astype(float)
+    u = np.full(C, keep_class.mean()) if masking == "released" else keep_class.astype(float)
     instance = batch = klass = 0.0
     for T in temperatures:
         ls, lt = np_log_softmax(zs / T), np_log_softmax(zt / T)
         ps, pt = np.exp(ls), np.exp(lt)
-        instance += sum(keep[i] * T * T * sum(pt[i, c] * (lt[i, c] - ls[i, c]) for c in range(C))
+        instance += sum(w[i] * T * T * sum(pt[i, c] * (lt[i, c] - ls[i, c]) for c in range(C))
                         for i in range(B)) / B
         for i in range(B):
             for j in range(B):
-                if keep[j]:
-                    gt = sum(pt[i, c] * pt[j, c] for c in range(C))
-                    gs = sum(ps[i, c] * ps[j, c] for c in range(C))
-                    batch += (gt - gs) ** 2 / B
+                gt = sum(pt[i, c] * pt[j, c] for c in range(C))
+                gs = sum(ps[i, c] * ps[j, c] for c in range(C))
+                batch += w[j] * (gt - gs) ** 2 / B
         for a in range(C):
             for b in range(C):
-                if keep_class[b]:
-                    mt = sum(pt[i, a] * pt[i, b] for i in range(B))
-                    ms = sum(ps[i, a] * ps[i, b] for i in range(B))
-                    klass += (mt - ms) ** 2 / C
+                mt = sum(pt[i, a] * pt[i, b] for i in range(B))
+                ms = sum(ps[i, a] * ps[i, b] for i in range(B))
+                klass += u[b] * (mt - ms) ** 2 / C
     return instance, batch, klass, keep, keep_class
 
 
+@pytest.mark.parametrize("masking", ["released", "per_sample"])
 @pytest.mark.parametrize("percentile", [50.0, 100.0, 30.0])
-def test_mlkd_against_loops(logits_batch, percentile):
+def test_mlkd_against_loops(logits_batch, percentile, masking):
     zs, zt, y = logits_batch
-    instance, batch, klass, keep, keep_class = np_terms(zs.numpy(), zt.numpy(), percentile)
-    total, terms = evaluate(_mlkd(percentile), outputs(zs), outputs(zt), y)
+    instance, batch, klass, keep, keep_class = np_terms(zs.numpy(), zt.numpy(), percentile, masking=masking)
+    total, terms = evaluate(_mlkd(percentile, masking=masking), outputs(zs), outputs(zt), y)
     assert terms["instance"].item() == pytest.approx(instance, rel=1e-10)
     assert terms["batch"].item() == pytest.approx(batch, rel=1e-10)
     assert terms["class"].item() == pytest.approx(klass, rel=1e-10)
@@ -68,9 +75,58 @@ def test_masks_keep_the_teachers_less_confident_samples_and_classes():
     assert classes.tolist() == (mass <= mass.median()).double().tolist() and classes.sum() == 2
 
 
-def test_the_instance_term_ignores_samples_the_mask_drops(logits_batch):
-    zs, zt, y = logits_batch
+def fixture_inputs(recipe):
+    g = torch.Generator().manual_seed(recipe["seed"])
+    zs = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
+    zt = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
+    y = torch.randint(recipe["classes"], (recipe["batch"],), generator=g)
+    check = recipe["check"]  # the inputs the reference saw
+    assert zs.sum().item() == pytest.approx(check["student_sum"], rel=1e-12)
+    assert zt.sum().item() == pytest.approx(check["teacher_sum"], rel=1e-12) and y.tolist() == check["labels"]
+    return zs, zt, y
+
+
+def test_masking_released_matches_the_released_code_with_masks_active():
+    """Fixture: the weak-view terms of KD_ours.forward_train (Jin-Ying/Multi-Level-Logit-Distillation) on seeded
+    logits, half the samples and half the classes masked: value, each level, and the gradient."""
+    reference = json.loads(FIXTURE.read_text())
+    zs, zt, y = fixture_inputs(reference["inputs"])
     loss = _mlkd()
+    samples, classes = loss.masks(zt)
+    assert samples.bool().tolist() == reference["sample_mask"] and classes.bool().tolist() == reference["class_mask"]
+    assert 0 < samples.mean() < 1 and 0 < classes.mean() < 1
+    expected_gradient = np.array(reference["gradient_wrt_student_logits"])
+
+    def value_and_gradient(loss):
+        z = zs.clone().requires_grad_()
+        total, terms = evaluate(loss, outputs(z), outputs(zt), y)
+        total.backward()
+        return total.item(), terms, z.grad.flatten().numpy()
+
+    total, terms, gradient = value_and_gradient(loss)
+    assert total == pytest.approx(reference["value"], rel=1e-12)
+    for name in ("instance", "batch", "class", "ce"):
+        assert terms[name].item() == pytest.approx(reference["terms"][name], rel=1e-12)
+    np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-10, atol=1e-14)
+    # selecting samples instead: the total 24% below the released code's, the gradient 97% off
+    total, _, gradient = value_and_gradient(_mlkd(masking="per_sample"))
+    assert total == pytest.approx(0.756 * reference["value"], rel=1e-2)
+    assert np.linalg.norm(gradient - expected_gradient) > 0.9 * np.linalg.norm(expected_gradient)
+
+
+def test_released_masking_scales_each_unmasked_level_by_the_kept_fraction(logits_batch):
+    zs, zt, y = logits_batch
+    samples, classes = _mlkd().masks(zt)
+    _, released = evaluate(_mlkd(), outputs(zs), outputs(zt), y)
+    _, unmasked = evaluate(_mlkd(100.0), outputs(zs), outputs(zt), y)
+    for name, kept in (("instance", samples.mean()), ("batch", samples.mean()), ("class", classes.mean())):
+        assert released[name].item() == pytest.approx(kept.item() * unmasked[name].item(), rel=1e-12)
+    assert samples.mean().item() == 0.5 and classes.mean().item() == 0.5
+
+
+def test_per_sample_masking_ignores_samples_the_mask_drops_in_the_instance_term(logits_batch):
+    zs, zt, y = logits_batch
+    loss = _mlkd(masking="per_sample")
     dropped = int(torch.nonzero(loss.masks(zt)[0] == 0)[0])
     moved = zs.clone()
     moved[dropped] = torch.randn(10) * 5
@@ -78,6 +134,11 @@ def test_the_instance_term_ignores_samples_the_mask_drops(logits_batch):
     _, after = evaluate(loss, outputs(moved), outputs(zt), y)
     assert after["instance"].item() == pytest.approx(before["instance"].item(), rel=1e-12)
     assert after["batch"].item() != pytest.approx(before["batch"].item())  # its correlations with kept samples count
+
+
+def test_an_unknown_masking_is_refused_with_the_valid_ones():
+    with pytest.raises(ValueError, match=r"masking 'mean' is not one of \['released', 'per_sample'\]"):
+        _mlkd(masking="mean")
 
 
 def test_every_level_vanishes_when_student_equals_teacher(logits_batch):

@@ -102,7 +102,7 @@ def loss_factory(loss_cfg: DictConfig) -> Callable[..., DistillationLoss]:
         raise ValueError(f"method.loss: {err}") from None
     cls = partial.func
     parameters = inspect.signature(cls).parameters
-    given = set(OmegaConf.to_container(loss_cfg)) - {"_target_", "_partial_"}
+    given = {k for k in OmegaConf.to_container(loss_cfg) if not k.startswith("_")}  # not Hydra's _target_, ...
     accepted = [p for p in parameters if p not in PROVIDED]
     unknown = sorted(given - set(parameters))
     if unknown:

@@ -10,8 +10,10 @@ def target_split(logits: torch.Tensor, gt: torch.Tensor, temperature: float) -> 
     """The log of the two bins b = [p_gt, 1 - p_gt] (B x 2) of p = softmax(z / T), in log space.
 
     `gt` is the one-hot mask of the labels. log(1 - p_gt) is the logsumexp of the other classes'
-    log-probabilities: finite however confident the network is, where mdistiller's torch.log(1 - p_gt) is
-    log(0) = -inf once p_gt rounds to 1.
+    log-probabilities: finite however confident the network is. mdistiller takes torch.log of the summed
+    other-class probabilities, which is finite while p_gt rounds to 1 (float32, T = 4: a true-class logit of +200
+    over others near 0 gives the same value as here) and -inf only once every other probability underflows to 0:
+    the loss is inf at +600; its gradient already overflows from about +360 (float64: about +3000).
     """
     log_p = F.log_softmax(logits / temperature, dim=1)
     log_gt = log_p.masked_fill(~gt, float("-inf")).logsumexp(dim=1, keepdim=True)  # = log p_gt
@@ -48,7 +50,8 @@ class DKD(DistillationLoss):
     standardize: z-score both logit vectors first (Sun et al., CVPR 2024, arXiv:2403.01427), T the base temperature.
 
     Deviations from mdistiller's code, same values wherever theirs are finite: the two bins' logs are taken in log
-    space (`target_split`) instead of torch.log(1 - p_gt), which is -inf once p_gt rounds to 1; and the gt class
+    space (`target_split`) instead of torch.log of the summed probabilities, which is -inf once all the other
+    classes' probabilities underflow (not when p_gt merely rounds to 1: see `target_split`); and the gt class
     is left out of p^ by a -inf logit instead of subtracting 1000 from its logit / T, which no longer hides it
     when the gt logit leads the others by more than 1000 * T.
     """

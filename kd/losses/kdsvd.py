@@ -4,6 +4,7 @@ from torch import nn
 
 from kd.losses.base import DistillationLoss, LossParts
 
+TEACHER_SIGNS = ("nonnegative_sum", "svd")
 
 class TopRightSingularVectors(torch.autograd.Function):
     """The first n right singular vectors of each matrix M (B, P, C), as columns (B, C, n), and their singular
@@ -58,19 +59,24 @@ class KDSVD(DistillationLoss):
     For each layer i (shallow to deep), each sample's feature map as a (H*W) x C matrix: the teacher's first k
     right singular vectors v_t; the student's first k+3, of which the one most aligned (largest |cos|) with each
     teacher vector is kept (among those of non-zero singular values), its sign matched; both scaled by the
-    teacher's first k singular values normalised to unit norm (a no-op for k = 1). The teacher's vectors are
-    signed so that their entries sum to >= 0: the SVD's sign is arbitrary, and the kernel between layers depends
-    on the relative sign of their vectors (RepDistiller keeps torch.svd's; for post-ReLU maps this picks the
-    non-negative principal vector). Between consecutive layers K[a, c] = exp(-(v_i[a] - v_i-1[c])^2 / 8), and
+    teacher's first k singular values normalised to unit norm (a no-op for k = 1). Between consecutive layers
+    K[a, c] = exp(-(v_i[a] - v_i-1[c])^2 / 8), and
         loss = CE(z_s, y) + weight * sum_{i>=1} (1/B) * sum_{b,a,c,j} (K_s - K_t)^2.
+    The kernel depends on the relative sign of consecutive layers' vectors, and an SVD's sign is arbitrary.
+    teacher_sign "nonnegative_sum" flips each teacher vector so that its entries sum to >= 0 (for post-ReLU maps,
+    the non-negative principal vector); "svd" keeps the sign the SVD returns, as RepDistiller does (LAPACK's on the
+    CPU; another backend may return other signs, and with them another value).
     Where the channel counts differ, a trainable 1x1 conv + BN maps the student's features to the teacher's first.
     """
 
     argument_ranges = {"weight": "[0, inf)", "components": "[1, inf)"}
 
-    def __init__(self, weight: float, components: int, features: list[str], feature_shapes):
+    def __init__(self, weight: float, components: int, features: list[str], teacher_sign: str, feature_shapes):
         super().__init__()
+        if teacher_sign not in TEACHER_SIGNS:
+            raise ValueError(f"kdsvd: teacher_sign {teacher_sign!r} is not one of {list(TEACHER_SIGNS)}")
         self.weight, self.components, self.features = weight, components, list(features)
+        self.teacher_sign = teacher_sign
         if len(self.features) < 2:
             raise ValueError(f"kdsvd: features {self.features}: the loss relates consecutive layers, give at least two")
         self.connectors = nn.ModuleDict()
@@ -87,7 +93,8 @@ class KDSVD(DistillationLoss):
         with torch.no_grad():
             _, s, vh = torch.linalg.svd(as_matrix(f), full_matrices=False)
         v = vh[:, :self.components].transpose(1, 2)                        # (B, C, k)
-        v = torch.where(v.sum(1, keepdim=True) < 0, -v, v)  # a fixed sign: the kernels compare layers' signs
+        if self.teacher_sign == "nonnegative_sum":
+            v = torch.where(v.sum(1, keepdim=True) < 0, -v, v)
         scale = F.normalize(s[:, :self.components], dim=1)  # (B, k): teacher singular values, unit norm
         return v, scale
 

@@ -3,47 +3,55 @@ import torch.nn.functional as F
 
 from kd.losses.base import DistillationLoss, LossParts
 
+MASKING = ("released", "per_sample")
+
 
 def at_or_below_percentile(values: torch.Tensor, percentile: float) -> torch.Tensor:
     """values <= their `percentile`-th percentile (linear interpolation, as numpy.percentile)."""
     return values <= torch.quantile(values, percentile / 100.0)
 
 
-def instance_term(student_logits, teacher_logits, temperature, keep):
-    """mean over the batch of keep_i * T^2 * KL(softmax(z_t,i/T) || softmax(z_s,i/T))."""
+def instance_term(student_logits, teacher_logits, temperature, weight):
+    """mean over the batch of weight_i * T^2 * KL(softmax(z_t,i/T) || softmax(z_s,i/T))."""
     log_s = F.log_softmax(student_logits / temperature, dim=1)
     log_t = F.log_softmax(teacher_logits / temperature, dim=1)
     kl = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(1)
-    return temperature**2 * (kl * keep).mean()
+    return temperature**2 * (kl * weight).mean()
 
 
-def gram_gap(p_student, p_teacher, keep):
-    """Squared gap between the Gram matrices P P^T of two prediction sets, summed over the kept columns."""
+def gram_gap(p_student, p_teacher, weight):
+    """Squared gap between the Gram matrices P P^T of two prediction sets, column j weighted by weight_j, summed."""
     gap = (p_teacher @ p_teacher.t() - p_student @ p_student.t()).pow(2)
-    return (gap * keep).sum()
+    return (gap * weight).sum()
 
 
 class MLKD(DistillationLoss):
     """Multi-level logit distillation, weak-view form (Jin, Wang & Lin, "Multi-Level Logit Distillation",
     CVPR 2023; code: Jin-Ying/Multi-Level-Logit-Distillation).
 
-    For every T in `temperatures`, with P = softmax(z/T) (B x C):
-      instance_T = mean_i m_i * T^2 * KL(P_t,i || P_s,i)
-      batch_T    = sum_{i, j: m_j} ((P_t P_t^T - P_s P_s^T)_ij)^2 / B      (sample correlations)
-      class_T    = sum_{a, b: k_b} ((P_t^T P_t - P_s^T P_s)_ab)^2 / C      (class correlations)
-    m_i: the teacher's top probability (T = 1) for sample i is at or below the batch's `mask_percentile`-th
-    percentile of them; k_b: the teacher's probability mass for class b over the batch is at or below that
-    percentile of the class masses. mask_percentile = 100 keeps everything (the unmasked paper loss).
+    For every T in `temperatures`, with P = softmax(z/T) (B x C) and per-sample weights w_i, per-class weights u_b:
+      instance_T = mean_i w_i * T^2 * KL(P_t,i || P_s,i)
+      batch_T    = sum_{i, j} w_j * ((P_t P_t^T - P_s P_s^T)_ij)^2 / B      (sample correlations)
+      class_T    = sum_{a, b} u_b * ((P_t^T P_t - P_s^T P_s)_ab)^2 / C      (class correlations)
+    m_i = 1 where the teacher's top probability (T = 1) for sample i is at or below the batch's `mask_percentile`-th
+    percentile of them; k_b = 1 where the teacher's probability mass for class b over the batch is at or below that
+    percentile of the class masses. masking "released" (KD_ours.py: each batch-averaged term times the mask, then
+    averaged): w_i = mean(m), u_b = mean(k), the kept fractions, for every sample and class; "per_sample": w = m,
+    u = k, the masks select samples and classes. mask_percentile = 100 keeps everything (the unmasked paper loss).
     loss = ce_weight * CE(z_s, y) + kd_weight * sum_T (instance_T + batch_T + class_T).
     """
 
     argument_ranges = {"temperatures": "(0, inf)", "mask_percentile": "[0, 100]", "ce_weight": "[0, inf)",
                        "kd_weight": "[0, inf)"}
 
-    def __init__(self, temperatures: list[float], mask_percentile: float, ce_weight: float, kd_weight: float):
+    def __init__(self, temperatures: list[float], mask_percentile: float, masking: str, ce_weight: float,
+                 kd_weight: float):
         super().__init__()
+        if masking not in MASKING:
+            raise ValueError(f"mlkd: masking {masking!r} is not one of {list(MASKING)}")
         self.temperatures = tuple(float(t) for t in temperatures)
-        self.mask_percentile, self.ce_weight, self.kd_weight = mask_percentile, ce_weight, kd_weight
+        self.mask_percentile, self.masking = mask_percentile, masking
+        self.ce_weight, self.kd_weight = ce_weight, kd_weight
 
     def masks(self, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample mask over B, class mask over C) from the teacher's T = 1 predictions, as 0/1 floats."""
@@ -55,6 +63,8 @@ class MLKD(DistillationLoss):
     def forward(self, student, teacher, batch):
         zs, zt = student.logits, teacher.logits
         samples, classes = self.masks(zt)
+        if self.masking == "released":  # the code's reduced terms times its masks, averaged: the kept fractions
+            samples, classes = samples.mean().expand_as(samples), classes.mean().expand_as(classes)
         instance = batch_level = class_level = zs.new_zeros(())
         for t in self.temperatures:
             ps, pt = F.softmax(zs / t, dim=1), F.softmax(zt / t, dim=1)

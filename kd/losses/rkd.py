@@ -50,7 +50,8 @@ class RKD(DistillationLoss):
 
     loss = CE(z_s, y) + distance_weight * RKD_D + angle_weight * RKD_A, where RKD_D is the smooth L1 between
     pairwise distances (each set divided by its positive mean) and RKD_A the smooth L1 between the cosines
-    of all triplet angles.
+    of all triplet angles. RepDistiller and mdistiller take the pooled features as they are, without the L2
+    normalisation, which changes distances and angles alike (conf/method/rkd.yaml gives how much).
     """
 
     argument_ranges = {"distance_weight": "[0, inf)", "angle_weight": "[0, inf)"}
