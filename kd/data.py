@@ -28,6 +28,7 @@ class Splits:
     test_y: torch.Tensor
     num_classes: int
     source_sha256: str = ""  # of every image and label the source gave (before the split): the data's identity
+    train_sha256: str = ""   # of the source's training images and labels only: what a teacher learns and is chosen on
 
 
 def build_splits(arrays: Arrays, val_fraction: float, split_seed: int, num_classes: int,
@@ -48,7 +49,7 @@ def build_splits(arrays: Arrays, val_fraction: float, split_seed: int, num_class
         raise DataError(f"the data has {found} classes but data.num_classes={num_classes}")
     to = lambda t: t.to(device)  # noqa: E731
     return Splits(to(train_x[train_idx]), to(train_y[train_idx]), to(train_x[val_idx]), to(train_y[val_idx]),
-                  to(test_x), to(test_y), num_classes, tensors_sha256(*arrays))
+                  to(test_x), to(test_y), num_classes, tensors_sha256(*arrays), tensors_sha256(train_x, train_y))
 
 
 class RandomCrops:

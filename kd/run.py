@@ -13,6 +13,7 @@ from hydra.errors import CompactHydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kd import assistant as assistants
 from kd import progress, teacher_cache
 from kd import teacher as teachers
 from kd.checkpoints import CheckpointMismatch
@@ -127,6 +128,7 @@ def finished_results(run_dir: Path) -> dict | None:
 
 def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
     prepared = prepare(cfg)
+    assistants.check(cfg)
     progress.configure(cfg.trainer.progress_bar)
     log.info("precision %s: %s", str(prepared.dtype).removeprefix("torch."), prepared.precision_reason)
     splits = load_splits(cfg, prepared.device, cfg.data.train_subset)
@@ -134,7 +136,9 @@ def _train(cfg: DictConfig, run_dir: Path, group: str, record: dict) -> dict:
              len(splits.val_y), len(splits.test_y), prepared.device)
 
     teacher_model = teachers.load_or_train(cfg, splits, prepared.device, prepared.dtype)
-    student, teacher, loss_fn = build_networks(cfg, prepared, teacher_model, splits.train_y)
+    cfg, teacher_model = assistants.in_teachers_place(cfg, prepared, splits, teacher_model)
+    student, teacher, loss_fn = build_networks(cfg, prepared, teacher_model, splits.train_y,
+                                               image_size=splits.train_x.shape[-2:])
     teacher_sha256 = file_sha256(teachers.checkpoint_path(cfg.model.teacher))
     split_sha256 = split_digests(splits)
     teacher_acc = teacher_accuracy(cfg, teacher_model, teacher_sha256, splits, split_sha256, prepared.dtype)
@@ -222,7 +226,7 @@ def results_record(cfg: DictConfig, splits: Splits, fitted: TrainResult, scores:
                     "test_acc": teacher_acc["test"], "val_acc": teacher_acc["val"]},
         "student": {"arch": cfg.model.student.name, "params": sum(p.numel() for p in student.parameters())},
         "data": {"name": cfg.data.name, "train": len(splits.train_y), "val": len(splits.val_y),
-                 "test": len(splits.test_y)},
+                 "test": len(splits.test_y), "image_size": list(splits.train_x.shape[-2:])},
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "host": platform.node(),
         "precision": str(prepared.dtype).removeprefix("torch."),

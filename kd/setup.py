@@ -3,7 +3,7 @@ expensive work (`prepare`), the data splits, the networks and their loss, and th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from hydra.utils import get_class, instantiate, to_absolute_path
@@ -16,6 +16,7 @@ from kd.device import Acceleration, choose_precision, resolve_device
 from kd.evaluation import logits_accuracy, teacher_predictions
 from kd.io import tensors_sha256
 from kd.losses.base import DistillationLoss, loss_factory
+from kd.models import CIFAR_IMAGE_SIZE
 from kd.taps import TappedModel, probe_shapes, resolve, tapped
 from kd.validation import ConfigError, validate
 
@@ -59,14 +60,17 @@ def load_splits(cfg: DictConfig, device: torch.device, train_subset: int | None)
 
 
 def build_networks(cfg: DictConfig, prepared: Prepared, teacher_model: torch.nn.Module, train_labels: torch.Tensor,
-                   normalize: bool = True) -> tuple[TappedModel, TappedModel, DistillationLoss]:
+                   normalize: bool = True, image_size: Sequence[int] = CIFAR_IMAGE_SIZE,
+                   ) -> tuple[TappedModel, TappedModel, DistillationLoss]:
     """The student (initialised from `seed`), the teacher, both with the method's taps, and the loss sized for
-    them. `normalize=False` leaves the input normalisation to the caller (the benchmark's classic loop)."""
+    them at `image_size`, the training images' (height, width): `splits.train_x.shape[-2:]`. `normalize=False`
+    leaves the input normalisation to the caller (the benchmark's classic loop)."""
     taps = list(cfg.method.taps)
     teacher = tapped(cfg.model.teacher, teacher_model, taps, normalize)
     torch.manual_seed(cfg.seed)
     student = tapped(cfg.model.student, instantiate(cfg.model.student.arch).to(prepared.device), taps, normalize)
-    shapes = {"student": probe_shapes(student, prepared.device), "teacher": probe_shapes(teacher, prepared.device)}
+    shapes = {"student": probe_shapes(student, prepared.device, image_size),
+              "teacher": probe_shapes(teacher, prepared.device, image_size)}
     loss = prepared.loss_factory(feature_shapes=shapes, num_classes=cfg.data.num_classes, num_train=len(train_labels),
                                  train_labels=train_labels, teacher_model=teacher_model, teacher_taps=dict(teacher.taps),
                                  student_model=student.model, student_taps=dict(student.taps))

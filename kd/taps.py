@@ -12,11 +12,13 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
+
+from kd.models import CIFAR_IMAGE_SIZE
 
 INPUT = ":input"
 _STAGE = re.compile(r"stage(-?\d+)(_preact)?")
@@ -132,11 +134,24 @@ def tapped(model_cfg: DictConfig, model: nn.Module, names: list[str], normalize:
     return TappedModel(model, mean, std, taps)
 
 
+def height_width(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) from a square's side or from a (height, width) pair such as `images.shape[-2:]`."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    if len(image_size) != 2:
+        raise ValueError(f"image_size={tuple(image_size)!r} is invalid: give (height, width), e.g. images.shape[-2:], "
+                         "or one side for square images")
+    return int(image_size[0]), int(image_size[1])
+
+
 @torch.no_grad()
-def probe_shapes(net: TappedModel, device: torch.device, image_size: int = 32) -> dict[str, tuple[int, ...]]:
-    """One forward of two blank images: the per-sample shape of every tapped feature."""
+def probe_shapes(net: TappedModel, device: torch.device,
+                 image_size: int | Sequence[int] = CIFAR_IMAGE_SIZE) -> dict[str, tuple[int, ...]]:
+    """One forward of two blank images of the data's `image_size` (e.g. `train_x.shape[-2:]`): the per-sample shape
+    of every tapped feature, as training will see it."""
     was_training = net.training
     net.eval()
-    shapes = {k: tuple(v.shape[1:]) for k, v in net(torch.zeros(2, 3, image_size, image_size, device=device)).features.items()}
+    blank = torch.zeros(2, 3, *height_width(image_size), device=device)
+    shapes = {k: tuple(v.shape[1:]) for k, v in net(blank).features.items()}
     net.train(was_training)
     return shapes

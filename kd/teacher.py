@@ -36,9 +36,12 @@ def sidecar(path: Path) -> Path:
 
 
 def data_identity(cfg: DictConfig, splits: Splits) -> dict:
-    """What a teacher's training data was: the source's images and labels, the validation split, the classes."""
-    return {"name": cfg.data.name, "source_sha256": splits.source_sha256, "val_fraction": cfg.data.val_fraction,
-            "split_seed": cfg.data.split_seed, "num_classes": cfg.data.num_classes}
+    """What a teacher's training data was: the source's training images and labels, the validation split, the
+    classes. The test images are no part of it, so a test set with other images (CIFAR-10-C style) keeps the
+    teacher; `source_sha256` (training and test images) is recorded too, for records written before `train_sha256`."""
+    return {"name": cfg.data.name, "train_sha256": splits.train_sha256, "source_sha256": splits.source_sha256,
+            "val_fraction": cfg.data.val_fraction, "split_seed": cfg.data.split_seed,
+            "num_classes": cfg.data.num_classes}
 
 
 RECORD_KEYS_BEFORE_CHECKSUMS = {"arch", "data", "epochs", "best_epoch", "val_acc", "test_acc", "history"}
@@ -64,21 +67,33 @@ def training_record(path: Path) -> dict | None:
     return record
 
 
+def identity_keys(recorded: dict) -> list[str]:
+    """The keys a recorded data identity is compared on: the training images' digest where the record has it, else
+    (a record from before it) the digest of every image, test images included."""
+    images = "train_sha256" if "train_sha256" in recorded else "source_sha256"
+    return [images, "val_fraction", "split_seed", "num_classes"]
+
+
+def describe_identity(identity: dict, images: str) -> str:
+    which = "training images" if images == "train_sha256" else "images"
+    return (f"data {identity.get('name')!r}, {which} sha256 {str(identity.get(images))[:12]}, validation fraction "
+            f"{identity.get('val_fraction')} by split_seed {identity.get('split_seed')}, "
+            f"{identity.get('num_classes')} classes")
+
+
 def check_trained_on(path: Path, identity: dict) -> None:
     """Refuse a teacher this harness trained on other data (a checkpoint from elsewhere has no record)."""
     record = training_record(path)
     recorded = record.get("data") if record else None
     if not isinstance(recorded, dict):  # elsewhere, or a sidecar from before data identities were recorded
         return
-    differing = [k for k in ("source_sha256", "val_fraction", "split_seed", "num_classes")
-                 if recorded.get(k) != identity[k]]
+    keys = identity_keys(recorded)
+    differing = [k for k in keys if recorded.get(k) != identity.get(k)]
     if differing:
-        def describe(d):
-            return (f"data {d.get('name')!r}, images sha256 {str(d.get('source_sha256'))[:12]}, validation "
-                    f"fraction {d.get('val_fraction')} by split_seed {d.get('split_seed')}, {d.get('num_classes')} classes")
-        raise DataError(f"teacher {path} was trained on {describe(recorded)}; this run has {describe(identity)} "
-                         f"(differing: {', '.join(differing)}). Its outputs would not fit this data: give a teacher "
-                         "trained on it with model.teacher.ckpt=<path> (a missing file is trained there)")
+        raise DataError(f"teacher {path} was trained on {describe_identity(recorded, keys[0])}; this run has "
+                        f"{describe_identity(identity, keys[0])} (differing: {', '.join(differing)}). Its outputs "
+                        "would not fit this data: give a teacher trained on it with model.teacher.ckpt=<path> (a "
+                        "missing file is trained there)")
 
 
 def check_checkpoint(teacher_cfg: DictConfig) -> None:
@@ -139,24 +154,24 @@ def note_foreign_normalization(teacher_cfg: DictConfig, path: Path) -> None:
 def load_or_train(cfg: DictConfig, splits: Splits, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     teacher_cfg = cfg.model.teacher
     path = checkpoint_path(teacher_cfg)
-    model = instantiate(teacher_cfg.arch)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with exclusive(str(path) + ".lock", f"another job is training the teacher {path}; waiting for it"):
             if not path.exists():
-                _train(cfg, model, path, splits, device, dtype)
+                _train(cfg, path, splits, device, dtype)
+    model = instantiate(teacher_cfg.arch)
     check_trained_on(path, data_identity(cfg, splits))
     load_weights(model, path)
     log.info("teacher %s loaded from %s", teacher_cfg.name, path)
     return model.to(device).eval().requires_grad_(False)
 
 
-def _train(cfg: DictConfig, model: torch.nn.Module, path: Path, splits: Splits, device: torch.device,
-           dtype: torch.dtype) -> None:
+def _train(cfg: DictConfig, path: Path, splits: Splits, device: torch.device, dtype: torch.dtype) -> None:
     recipe = cfg.teacher_training
     log.info("no teacher checkpoint at %s: training %s with cross-entropy for %d epochs",
              path, cfg.model.teacher.name, recipe.epochs)
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)  # before the weights are drawn: the same teacher from the same recipe, always
+    model = instantiate(cfg.model.teacher.arch)
     net = tapped(cfg.model.teacher, model.to(device), [])
     settings = TrainerSettings(recipe.optim, recipe.epochs, recipe.seed, dtype, cfg.trainer.eval_batch_size,
                                f"teacher {cfg.model.teacher.name}", cfg.trainer.progress_bar)

@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 
 import torch
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kd.data import Splits
 from kd.device import Acceleration, autocast, numerics
@@ -199,6 +199,7 @@ def for_run(cfg: DictConfig, splits: Splits, teacher_sha256: str, device: torch.
     """A cache in `directory` keyed by everything that decides this run's teacher outputs."""
     teacher = cfg.model.teacher
     key = {"teacher": {"arch": teacher.name, "sha256": teacher_sha256,
+                       "arch_options": OmegaConf.to_container(teacher.arch, resolve=True),  # e.g. a stem: same weights
                        "normalization": [list(teacher.normalization.mean), list(teacher.normalization.std)]},
            "data": {"name": cfg.data.name, "train_sha256": tensors_sha256(splits.train_x, splits.train_y)},
            "seed": cfg.seed, **numerics(device, dtype), **dataclasses.asdict(acceleration)}

@@ -146,3 +146,34 @@ def test_the_machines_own_settings_are_never_committed():
     ignored = subprocess.run(["git", "check-ignore", "conf/local/default.yaml"], cwd=ROOT, capture_output=True)
     kept = subprocess.run(["git", "check-ignore", "conf/local/README.md"], cwd=ROOT, capture_output=True)
     assert ignored.returncode == 0 and kept.returncode == 1
+
+
+LARGER_IMAGES = {"stl10": 10, "tiny_imagenet": 200}
+
+
+@pytest.mark.parametrize("data,classes", LARGER_IMAGES.items())
+def test_the_larger_image_data_presets_are_image_folders_that_need_a_root(data, classes, tmp_path):
+    from kd.datasets import DataError
+    folder = compose_config(["data=imagefolder"]).data
+    cfg = compose_config([f"data={data}"]).data
+    assert (cfg.name, cfg.num_classes, cfg.root) == (data, classes, None)
+    assert OmegaConf.to_container(cfg.source) == OmegaConf.to_container(folder.source)  # one source, unresolved
+    assert cfg.val_fraction == folder.val_fraction
+    with pytest.raises(DataError, match="needs data.root"):
+        instantiate(cfg.source, _partial_=True)()
+    assert compose_config([f"data={data}", f"data.root={tmp_path}"]).data.source.root == str(tmp_path)
+
+
+@pytest.mark.parametrize("preset,side,teacher_map,student_map", [
+    ("stl10_resnet18_resnet8x4", 96, (512, 3, 3), (256, 6, 6)),
+    ("tiny_imagenet_resnet32x4_resnet8x4", 64, (256, 8, 8), (256, 8, 8))])
+def test_a_larger_image_preset_sets_stems_that_bring_its_images_near_cifars_size(preset, side, teacher_map,
+                                                                                 student_map):
+    from kd.taps import probe_shapes, tapped
+    cfg = compose_config([f"experiment={preset}"])
+    assert cfg.data.name == preset.split("_resnet")[0] and cfg.kd_epochs == 240
+    assert cfg.model.teacher.normalization == cfg.model.student.normalization
+    for role, expected in (("teacher", teacher_map), ("student", student_map)):
+        model_cfg = cfg.model[role]
+        net = tapped(model_cfg, instantiate(model_cfg.arch), ["feat"])
+        assert probe_shapes(net, torch.device("cpu"), (side, side))["feat"] == expected, role

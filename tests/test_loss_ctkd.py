@@ -1,15 +1,18 @@
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import compose_config
 from kd.losses.batch import Progress
-from reference import batch as make_batch, cross_entropy as np_ce, log_softmax as np_log_softmax, outputs
+from reference import (batch as make_batch, cross_entropy as np_ce, log_softmax as np_log_softmax, outputs,
+                       softmax as np_softmax)
 
 pytestmark = pytest.mark.usefixtures("float64")
 DEFAULTS = dict(t_start=1.0, t_range=20.0, theta_init=1.0, lambda_max=1.0, curriculum_fraction=10 / 240,
-                ce_weight=0.1, kd_weight=0.9)
+                ce_weight=0.1, kd_weight=0.9, standardize=False)
 
 
 def _ctkd(**changes):
@@ -21,13 +24,20 @@ def np_temperature(theta):
     return 1.0 + 20.0 / (1.0 + math.exp(-theta))
 
 
-def np_loss(zs, zt, y, theta):
-    """0.1 CE + 0.9 tau^2 KL(p_t || p_s), written out per sample (the authors' run script's weights)."""
-    tau = np_temperature(theta)
-    log_ps, log_pt = np_log_softmax(zs / tau), np_log_softmax(zt / tau)
-    kl = np.mean([sum(math.exp(log_pt[i, c]) * (log_pt[i, c] - log_ps[i, c]) for c in range(zs.shape[1]))
+def np_zscore(z):
+    return (z - z.mean(1, keepdims=True)) / (z.std(1, ddof=1, keepdims=True) + 1e-7)
+
+
+def np_loss(zs, zt, y, theta, standardize=False, weights=None, t_start=1.0, kd_weight=0.9):
+    """0.1 CE + 0.9 tau^2 KL(p_t || p_s), written out per sample (the authors' run script's weights); standardize:
+    the KL of the z-scored logits (the CE keeps the raw ones); weights: a factor per sample on the KL."""
+    tau = t_start + np_temperature(theta) - 1.0
+    ks, kt = (np_zscore(zs), np_zscore(zt)) if standardize else (zs, zt)
+    w = np.ones(len(zs)) if weights is None else weights
+    log_ps, log_pt = np_log_softmax(ks / tau), np_log_softmax(kt / tau)
+    kl = np.mean([w[i] * sum(math.exp(log_pt[i, c]) * (log_pt[i, c] - log_ps[i, c]) for c in range(zs.shape[1]))
                   for i in range(len(zs))])
-    return 0.1 * np_ce(zs, y) + 0.9 * tau * tau * kl, tau * tau * kl
+    return 0.1 * np_ce(zs, y) + kd_weight * tau * tau * kl, tau * tau * kl
 
 
 def authors_lambda(epoch):
@@ -99,3 +109,64 @@ def test_temperature_stays_between_t_start_and_t_start_plus_range(logits_batch, 
     zs, zt, y = logits_batch
     tau = _ctkd(theta_init=theta)(outputs(zs), outputs(zt), make_batch(y)).terms["temperature"].item()
     assert 1.0 <= tau <= 21.0
+
+
+# ---------------------------------------------------------------- standardize (LS) and entropy_aware (EA-CTKD)
+
+@pytest.mark.parametrize("theta", [1.0, -0.7])
+def test_standardize_is_ctkd_on_z_scored_logits(logits_batch, theta):
+    zs, zt, y = logits_batch
+    parts = _ctkd(theta_init=theta, standardize=True)(outputs(zs), outputs(zt), make_batch(y))
+    total, kd = np_loss(zs.numpy(), zt.numpy(), y.numpy(), theta, standardize=True)
+    assert parts.terms["kd"].item() == pytest.approx(kd, rel=1e-9)
+    assert parts.total.item() == pytest.approx(total, rel=1e-9)
+    assert parts.terms["ce"].item() == pytest.approx(np_ce(zs.numpy(), y.numpy()), rel=1e-12)  # raw logits
+
+
+def test_standardized_theta_still_ascends_the_loss(logits_batch):
+    zs, zt, y = logits_batch
+    loss = _ctkd(theta_init=0.3, standardize=True)
+    loss(outputs(zs), outputs(zt), make_batch(y)).total.backward()  # no progress: full reversal strength
+    h = 1e-4
+    slope = (np_loss(zs.numpy(), zt.numpy(), y.numpy(), 0.3 + h, standardize=True)[0]
+             - np_loss(zs.numpy(), zt.numpy(), y.numpy(), 0.3 - h, standardize=True)[0]) / (2 * h)
+    assert loss.theta.grad.item() == pytest.approx(-slope, rel=1e-5)  # a small slope (1e-3): rounding in the difference
+
+
+LS_CTKD_REFERENCE = {1.0: 0.9019805787566704, 2.0: 0.9019165651254387}
+"""t_start -> tau^2 * KL at tau = t_start + 20 sigmoid(1): sunshangquan/logit-standardization-KD
+@f6e5aa5172bad618e801163c3385322eea673754, CTKD/distiller_zoo/KD.py DistillKL_logit_stand()(y_s, y_t, tau), run
+outside the project in float64 (torch 2.14.1) on tests/fixtures/mlkd_reference.json's inputs (8 x 10 logits)."""
+
+
+@pytest.mark.parametrize("t_start", [1.0, 2.0])
+def test_ctkd_ls_matches_the_ls_authors_distill_kl_logit_stand(t_start):
+    from test_loss_mlkd import FIXTURE, fixture_inputs
+    zs, zt, y = fixture_inputs(json.loads(FIXTURE.read_text())["inputs"])
+    parts = _ctkd(t_start=t_start, standardize=True, kd_weight=9.0)(outputs(zs), outputs(zt), make_batch(y))
+    assert parts.terms["temperature"].item() == pytest.approx(t_start + 20 / (1 + math.exp(-1)), rel=1e-12)
+    assert parts.terms["kd"].item() == pytest.approx(LS_CTKD_REFERENCE[t_start], rel=1e-12)
+
+
+def test_ctkd_ls_is_ctkd_with_the_ls_weights_and_floor():
+    ctkd, ctkd_ls = (compose_config([f"method={m}"]).method.loss for m in ("ctkd", "ctkd_ls"))
+    assert ctkd_ls.standardize and not ctkd.standardize
+    assert (ctkd_ls.ce_weight, ctkd_ls.kd_weight, ctkd_ls.t_start, ctkd_ls.t_range) == (0.1, 9.0, 2.0, 20.0)
+    for key in ("theta_init", "lambda_max", "curriculum_fraction"):
+        assert ctkd_ls[key] == ctkd[key], key
+
+
+def test_entropy_aware_weights_each_samples_kl_at_the_learned_temperature(logits_batch):
+    zs, zt, y = logits_batch
+    ps, pt = np_softmax(zs.numpy() / 3.0), np_softmax(zt.numpy() / 3.0)
+    h_s, h_t = -(ps * np.log(ps)).sum(1), -(pt * np.log(pt)).sum(1)
+    w = h_t * (1 + h_s / math.log(10)) / 2  # at T' = 3 whatever tau is
+    for theta in (1.0, -2.0):
+        loss = _ctkd(theta_init=theta, entropy_aware=True, entropy_temperature=3.0, entropy_bound=None)
+        parts = loss(outputs(zs), outputs(zt), make_batch(y))
+        total, kd = np_loss(zs.numpy(), zt.numpy(), y.numpy(), theta, weights=w)
+        assert parts.terms["kd"].item() == pytest.approx(kd, rel=1e-10)
+        assert parts.total.item() == pytest.approx(total, rel=1e-10)
+        assert parts.terms["entropy_weight"].item() == pytest.approx(w.mean(), rel=1e-12)
+        parts.total.backward()
+        assert loss.theta.grad.item() != 0  # the temperature still learns against the weighted loss

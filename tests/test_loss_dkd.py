@@ -179,3 +179,22 @@ def test_standardize_z_scores_both_logit_vectors_first(logits_batch):
     assert parts.terms["nckd"].item() == pytest.approx(nckd.mean(), rel=1e-9)
     assert parts.distillation.item() == pytest.approx(9 * tckd.mean() + 72 * nckd.mean(), rel=1e-9)
     assert parts.task.item() == pytest.approx(np_ce(zs.numpy(), y.numpy()), rel=1e-10)  # CE on the raw logits
+
+
+def test_entropy_aware_weights_each_samples_tckd_and_nckd(logits_batch):
+    """EA-DKD (the authors' DKD.py): mean_i w_i (alpha TCKD_i + beta NCKD_i), w_i = H_t,i (1 + H_s,i / H_ub) / 2 at
+    T' = 3 on the raw logits; the warm-up scales the weighted term."""
+    from kd.losses.batch import Progress
+    zs, zt, y = logits_batch
+    tckd, nckd = paper_dkd(zs.numpy(), zt.numpy(), y.numpy(), 4.0)
+    qs, qt = np_softmax(zs.numpy() / 3.0), np_softmax(zt.numpy() / 3.0)
+    h_s, h_t = -(qs * np.log(qs)).sum(1), -(qt * np.log(qt)).sum(1)
+    w = h_t * (1 + h_s / 100.0) / 2
+    loss = _dkd(entropy_aware=True, entropy_temperature=3.0, entropy_bound=100.0)
+    parts = loss(outputs(zs), outputs(zt), make_batch(y))
+    assert parts.terms["tckd"].item() == pytest.approx(np.mean(w * tckd), rel=1e-10)
+    assert parts.terms["nckd"].item() == pytest.approx(np.mean(w * nckd), rel=1e-10)
+    assert parts.distillation.item() == pytest.approx(np.mean(w * (tckd + 8.0 * nckd)), rel=1e-10)
+    assert parts.task.item() == pytest.approx(np_ce(zs.numpy(), y.numpy()), rel=1e-12)
+    early = loss(outputs(zs), outputs(zt), make_batch(y, progress=Progress(0, 9, 10, 240)))
+    assert early.distillation.item() == pytest.approx(parts.distillation.item() / 20, rel=1e-12)

@@ -80,3 +80,10 @@ def test_weighted_kd_is_the_alpha_mix_scaled(logits_batch):
     weighted = WeightedKD(2.0, 1.0, 9.0, standardize=True)(outputs(zs), outputs(zt), make_batch(y))
     assert weighted.total.item() == pytest.approx(10 * mix.total.item(), rel=1e-12)
     assert weighted.distillation.item() == pytest.approx(9 * weighted.terms["kd"].item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("base", ["kd", "dkd", "mlkd", "ctkd"])
+def test_each_ls_config_is_its_method_with_the_switch_on(base):
+    plain, standardized = (compose_config([f"method={m}"]).method.loss for m in (base, f"{base}_ls"))
+    assert plain.standardize is False and standardized.standardize is True
+    assert plain._target_ == standardized._target_ or (base, standardized._target_) == ("kd", "kd.losses.kd.WeightedKD")

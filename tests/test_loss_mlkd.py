@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import compose_config
 from reference import cross_entropy as np_ce, evaluate, log_softmax as np_log_softmax, outputs, softmax as np_softmax
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -13,17 +14,26 @@ TEMPERATURES = [4.0, 3.0, 5.0, 2.0, 6.0]
 FIXTURE = Path(__file__).parent / "fixtures" / "mlkd_reference.json"
 
 
-def _mlkd(mask_percentile=50.0, temperatures=TEMPERATURES, masking="released"):
+def _mlkd(mask_percentile=50.0, temperatures=TEMPERATURES, masking="released", standardize=False, kd_weight=0.9,
+          **entropy_aware):
     from kd.losses.mlkd import MLKD
     return MLKD(temperatures=temperatures, mask_percentile=mask_percentile, masking=masking, ce_weight=0.1,
-                kd_weight=0.9)
+                kd_weight=kd_weight, standardize=standardize, **entropy_aware)
 
 
-def np_terms(zs, zt, percentile=50.0, temperatures=TEMPERATURES, masking="released"):
+def np_zscore(z):
+    return (z - z.mean(1, keepdims=True)) / (z.std(1, ddof=1, keepdims=True) + 1e-7)
+
+
+def np_terms(zs, zt, percentile=50.0, temperatures=TEMPERATURES, masking="released", standardize=False,
+             sample_weights=None):
     """The three levels written out with loops, masks from numpy.percentile as in KD_ours.py. released: each
     level's unmasked sum scaled by the kept fraction of its mask; per_sample: only the kept samples' (classes')
-    entries summed."""
+    entries summed. standardize: the instance level on z-scored logits (LS's MLKD.py); sample_weights: an extra
+    per-sample factor on the instance level (EA-MLD)."""
     B, C = zs.shape
+    ks, kt = (np_zscore(zs), np_zscore(zt)) if standardize else (zs, zt)
+    extra = np.ones(B) if sample_weights is None else np.asarray(sample_weights)
     p1 = np_softmax(zt)
     confidence, class_mass = p1.max(1), p1.sum(0)
     keep = confidence <= np.percentile(confidence, percentile)
@@ -32,9 +42,9 @@ def np_terms(zs, zt, percentile=50.0, temperatures=TEMPERATURES, masking="releas
     u = np.full(C, keep_class.mean()) if masking == "released" else keep_class.astype(float)
     instance = batch = klass = 0.0
     for T in temperatures:
-        ls, lt = np_log_softmax(zs / T), np_log_softmax(zt / T)
-        ps, pt = np.exp(ls), np.exp(lt)
-        instance += sum(w[i] * T * T * sum(pt[i, c] * (lt[i, c] - ls[i, c]) for c in range(C))
+        ps, pt = np_softmax(zs / T), np_softmax(zt / T)
+        ls, lt = np_log_softmax(ks / T), np_log_softmax(kt / T)
+        instance += sum(extra[i] * w[i] * T * T * sum(math.exp(lt[i, c]) * (lt[i, c] - ls[i, c]) for c in range(C))
                         for i in range(B)) / B
         for i in range(B):
             for j in range(B):
@@ -173,3 +183,63 @@ def test_one_temperature_without_masks_is_vanilla_kd_plus_the_two_correlation_te
     assert terms["instance"].item() == pytest.approx(T * T * kl, rel=1e-10)
     assert terms["batch"].item() == pytest.approx(np.sum((pt @ pt.T - ps @ ps.T) ** 2) / 6, rel=1e-10)
     assert terms["class"].item() == pytest.approx(np.sum((pt.T @ pt - ps.T @ ps) ** 2) / 10, rel=1e-10)
+
+
+# ---------------------------------------------------------------- standardize (LS) and entropy_aware (EA-MLD)
+
+@pytest.mark.parametrize("masking", ["released", "per_sample"])
+def test_standardize_z_scores_the_instance_terms_only(logits_batch, masking):
+    """LS's MLKD.py standardises inside kd_loss only: the correlation terms and the masks keep the raw logits."""
+    zs, zt, y = logits_batch
+    instance, batch, klass, _, _ = np_terms(zs.numpy(), zt.numpy(), masking=masking, standardize=True)
+    _, terms = evaluate(_mlkd(masking=masking, standardize=True), outputs(zs), outputs(zt), y)
+    assert terms["instance"].item() == pytest.approx(instance, rel=1e-9)
+    assert terms["batch"].item() == pytest.approx(batch, rel=1e-10)
+    assert terms["class"].item() == pytest.approx(klass, rel=1e-10)
+    _, raw = evaluate(_mlkd(masking=masking), outputs(zs), outputs(zt), y)
+    assert terms["instance"].item() != pytest.approx(raw["instance"].item(), rel=1e-3)
+    assert terms["ce"].item() == raw["ce"].item()
+
+
+LS_MLKD_REFERENCE = {"instance": 2.248426339426664, "batch": 0.05962417278857498, "class": 0.14292285724113513}
+"""sunshangquan/logit-standardization-KD @f6e5aa5172bad618e801163c3385322eea673754, mdistiller/distillers/MLKD.py, run
+outside the project in float64 (torch 2.14.1) on tests/fixtures/mlkd_reference.json's inputs: the weak-view sums over
+T = 2, 3, 5, 2, 6 (KD.TEMPERATURE = --base-temp 2) of (kd_loss(z_s, z_t, T, logit_stand=True) * mask).mean(),
+(bc_loss * mask).mean() and (cc_loss * class_conf_mask).mean(), unweighted; forward_train's own loss_kd (less its
+strong view), loss_bc and loss_cc agreed within 2.1e-16."""
+
+
+def test_mlkd_ls_matches_the_ls_authors_mlkd():
+    reference = json.loads(FIXTURE.read_text())
+    zs, zt, y = fixture_inputs(reference["inputs"])
+    temperatures = list(compose_config(["method=mlkd_ls"]).method.loss.temperatures)
+    _, terms = evaluate(_mlkd(temperatures=temperatures, standardize=True, kd_weight=9.0), outputs(zs), outputs(zt), y)
+    for name, value in LS_MLKD_REFERENCE.items():
+        assert terms[name].item() == pytest.approx(value, rel=1e-12)
+
+
+def test_mlkd_ls_is_the_ls_recipe_on_mlkd():
+    mlkd, mlkd_ls = (compose_config([f"method={m}"]) for m in ("mlkd", "mlkd_ls"))
+    loss = mlkd_ls.method.loss
+    assert list(loss.temperatures) == [2.0, 3.0, 5.0, 2.0, 6.0]
+    assert loss.standardize and not mlkd.method.loss.standardize
+    assert (loss.ce_weight, loss.kd_weight) == (0.1, 9.0)
+    assert (loss.mask_percentile, loss.masking) == (mlkd.method.loss.mask_percentile, mlkd.method.loss.masking)
+    assert mlkd_ls.optim.optimizer.lr == mlkd.optim.optimizer.lr == 0.025
+
+
+@pytest.mark.parametrize("masking", ["released", "per_sample"])
+def test_entropy_aware_weights_each_samples_instance_terms(logits_batch, masking):
+    """EA-MLD: the instance level's per-sample factor times w_EA = H_t (1 + H_s / log C) / 2 at T' = 3; the correlation
+    levels unchanged."""
+    zs, zt, y = logits_batch
+    ps, pt = np_softmax(zs.numpy() / 3.0), np_softmax(zt.numpy() / 3.0)
+    h_s, h_t = -(ps * np.log(ps)).sum(1), -(pt * np.log(pt)).sum(1)
+    w = h_t * (1 + h_s / math.log(10)) / 2
+    instance, batch, klass, _, _ = np_terms(zs.numpy(), zt.numpy(), masking=masking, sample_weights=w)
+    loss = _mlkd(masking=masking, entropy_aware=True, entropy_temperature=3.0, entropy_bound=None)
+    _, terms = evaluate(loss, outputs(zs), outputs(zt), y)
+    assert terms["instance"].item() == pytest.approx(instance, rel=1e-10)
+    assert terms["batch"].item() == pytest.approx(batch, rel=1e-10)
+    assert terms["class"].item() == pytest.approx(klass, rel=1e-10)
+    assert terms["entropy_weight"].item() == pytest.approx(w.mean(), rel=1e-12)

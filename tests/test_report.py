@@ -286,6 +286,36 @@ def fake_summary():
     return summary_table(rows)
 
 
+def test_other_test_sets_join_the_summary_by_model_and_pool_corruptions():
+    from kd.report.tables import corruption_table, test_set_means, with_test_sets
+    summary = fake_summary().assign(sweep="s", job=["teacher"] + [f"{i}_x" for i in range(9)])
+    split = {"set": "c10c", "corruption": "fog", "severity": "1"}
+    rows = [{"role": "teacher", "sweep": "s", "job": "teacher", "label": "teacher", "set": "fresh", "corruption": "",
+             "severity": "", "accuracy": 0.9}]
+    for job, label in (("0_x", "ce"), ("1_x", "ce")):
+        for corruption, severity, acc in (("fog", "1", 0.6), ("fog", "2", 0.4), ("blur", "1", 0.5), ("blur", "2", 0.3)):
+            rows.append({"role": "student", "sweep": "s", "job": job, "label": label, **split, "corruption": corruption,
+                         "severity": severity, "accuracy": acc + (0.1 if job == "1_x" else 0)})
+    rows.append({"role": "student", "sweep": "s", "job": "3_x", "label": "kd", **split, "accuracy": float("nan")})
+    rows.append({"role": "student", "sweep": "s", "job": "3_x", "label": "kd", **split, "severity": "2",
+                 "accuracy": 0.7})
+    accuracies = pd.DataFrame(rows)
+    joined = with_test_sets(summary, accuracies, ["fresh", "c10c"]).set_index("job")
+    assert list(joined.columns[-2:]) == ["acc@fresh", "acc@c10c"] and len(joined) == len(summary)
+    assert joined.loc["teacher", "acc@fresh"] == 0.9 and math.isnan(joined.loc["teacher", "acc@c10c"])
+    assert joined.loc["0_x", "acc@c10c"] == pytest.approx(0.45) and joined.loc["1_x", "acc@c10c"] == pytest.approx(0.55)
+    assert math.isnan(joined.loc["3_x", "acc@c10c"])  # one split failed: no mean over fewer splits
+    assert math.isnan(joined.loc["2_x", "acc@c10c"])  # not evaluated
+    means = test_set_means(joined.reset_index(), ["fresh", "c10c"]).set_index("label")
+    assert means.loc["ce", "acc@c10c"] == pytest.approx(0.5)  # its seeds 0.45 and 0.55
+    by_corruption = corruption_table(accuracies, "c10c", "corruption").set_index("model")
+    assert list(by_corruption.columns) == ["fog", "blur", "mean"]
+    assert by_corruption.loc["ce"].tolist() == pytest.approx([0.55, 0.45, 0.5])
+    by_severity = corruption_table(accuracies, "c10c", "severity").set_index("model")
+    assert list(by_severity.columns) == ["1", "2", "mean"]
+    assert by_severity.loc["ce"].tolist() == pytest.approx([0.6, 0.4, 0.5])
+
+
 def test_seed_table_mean_std_and_paired_difference_to_ce():
     seeds = seed_table(fake_summary()).set_index("method")
     kd = seeds.loc["kd"]

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ROOT, TINY, compose_config
+from conftest import ROOT, TINY, compose_config, run_train
 from kd.checkpoints import CheckpointMismatch
 from kd.run import train
 
@@ -71,29 +71,97 @@ def test_two_jobs_without_teacher_train_it_once(tmp_path):
     assert all("teacher smallnet loaded from" in o for o in outputs)
 
 
-def test_a_teacher_trained_on_one_image_folder_is_refused_for_another(tmp_path, monkeypatch):
+def image_folder(root, seed, splits=("train", "test")):
+    """A two-class image folder of random 32x32 PNGs (20 training, 5 test images per class), seeded."""
     from PIL import Image
 
-    from kd.datasets import DataError
-
-    def folder(root, seed):
-        g = torch.Generator().manual_seed(seed)
-        for split, count in (("train", 20), ("test", 5)):
-            for name in ("a", "b"):
-                (root / split / name).mkdir(parents=True)
-                for i in range(count):
-                    pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g).numpy()
+    g = torch.Generator().manual_seed(seed)
+    for split, count in (("train", 20), ("test", 5)):
+        for name in ("a", "b"):
+            for i in range(count):
+                pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g).numpy()
+                if split in splits:  # the others' numbers are drawn all the same: a split is the same for any `splits`
+                    (root / split / name).mkdir(parents=True, exist_ok=True)
                     Image.fromarray(pixels).save(root / split / name / f"{i}.png")
-        return root
+    return root
+
+
+def image_folder_run(tmp_path, ckpt):
+    return [o for o in TINY if not o.startswith("data")] + [
+        "data=imagefolder", "data.num_classes=2", "method=kd", "kd_epochs=1", "model@model.teacher=smallnet",
+        f"model.teacher.ckpt={ckpt}", "teacher_training.epochs=1"]
+
+
+def test_a_teacher_trained_on_one_image_folder_is_refused_for_another(tmp_path, monkeypatch):
+    from kd.datasets import DataError
 
     monkeypatch.chdir(tmp_path)
     ckpt = tmp_path / "smallnet.pt"
-    common = [o for o in TINY if not o.startswith("data")] + [
-        "data=imagefolder", "data.num_classes=2", "method=kd", "kd_epochs=1", "model@model.teacher=smallnet",
-        f"model.teacher.ckpt={ckpt}", "teacher_training.epochs=1"]
-    train(compose_config([*common, f"data.root={folder(tmp_path / 'one', 1)}"]))
+    common = image_folder_run(tmp_path, ckpt)
+    train(compose_config([*common, f"data.root={image_folder(tmp_path / 'one', 1)}"]))
     assert json.loads((tmp_path / "smallnet.pt.json").read_text())["data"]["num_classes"] == 2
     (tmp_path / "results.json").unlink()
-    with pytest.raises(DataError, match=r"teacher .*smallnet.pt was trained on data 'imagefolder', images sha256 "
-                                        r"\w+.*this run has .*\(differing: source_sha256\)"):
-        train(compose_config([*common, f"data.root={folder(tmp_path / 'two', 2)}"]))
+    with pytest.raises(DataError, match=r"teacher .*smallnet.pt was trained on data 'imagefolder', training images "
+                                        r"sha256 \w+.*this run has .*\(differing: train_sha256\)"):
+        train(compose_config([*common, f"data.root={image_folder(tmp_path / 'two', 2)}"]))
+
+
+def test_a_teacher_is_kept_for_other_test_images_and_refused_for_other_training_images(tmp_path, monkeypatch):
+    """CIFAR-10-C style: the same training images with another test set keep the clean teacher (not retrained)."""
+    import shutil
+
+    from kd.datasets import DataError
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "smallnet.pt"
+    common = image_folder_run(tmp_path, ckpt)
+    one = image_folder(tmp_path / "one", 1)
+    train(compose_config([*common, f"data.root={one}"]))
+    record = json.loads((tmp_path / "smallnet.pt.json").read_text())["data"]
+    weights = ckpt.read_bytes()
+    shifted = tmp_path / "one_shifted_test"
+    shutil.copytree(one / "train", shifted / "train")
+    image_folder(shifted, 7, splits=("test",))  # other test images, the same training images
+    (tmp_path / "results.json").unlink()
+    results = train(compose_config([*common, f"data.root={shifted}"]))
+    assert ckpt.read_bytes() == weights  # accepted and loaded, not trained again
+    assert results["teacher"]["ckpt"] == str(ckpt)
+
+    other_train = tmp_path / "other_train"
+    image_folder(other_train, 8, splits=("train",))
+    shutil.copytree(one / "test", other_train / "test")  # the same test images, other training images
+    (tmp_path / "results.json").unlink()
+    with pytest.raises(DataError, match=r"\(differing: train_sha256\)"):
+        train(compose_config([*common, f"data.root={other_train}"]))
+    assert record["train_sha256"] and record["source_sha256"]
+
+
+def test_a_record_from_before_train_sha256_is_compared_on_every_image(tmp_path):
+    """Sidecars written before `train_sha256` existed hold only `source_sha256` (training and test images)."""
+    from kd.datasets import DataError
+    from kd.io import save_json_checked
+    from kd.teacher import check_trained_on, sidecar
+
+    ckpt = tmp_path / "teacher.pt"
+    ckpt.write_bytes(b"weights")
+    old = {"name": "imagefolder", "source_sha256": "all-images", "val_fraction": 0.1, "split_seed": 0,
+           "num_classes": 2}
+    save_json_checked({"arch": "smallnet", "data": old, "epochs": 1}, sidecar(ckpt))
+    check_trained_on(ckpt, {**old, "train_sha256": "anything"})  # the same images: accepted
+    with pytest.raises(DataError, match=r"images sha256 all-images.*images sha256 other-image.*"
+                                        r"\(differing: source_sha256\)"):
+        check_trained_on(ckpt, {**old, "source_sha256": "other-images", "train_sha256": "anything"})
+
+
+@pytest.mark.slow
+def test_a_teacher_trained_twice_from_the_same_recipe_has_the_same_weights(tmp_path):
+    """Its weights are drawn after the recipe's seed is set, in whatever process trains it."""
+    weights = []
+    for name in ("first", "second"):
+        ckpt = tmp_path / f"{name}.pt"
+        proc = run_train([*TINY, "method=ce", "kd_epochs=1", "model@model.teacher=smallnet", f"model.teacher.ckpt={ckpt}",
+                          "teacher_training.epochs=1", f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        weights.append(torch.load(ckpt, weights_only=False)["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -93,7 +93,8 @@ def run(argv: list[str]) -> dict:
     dtype = resolve_precision(cfg.trainer.precision, s.device)  # as train.py would run it (trainer.precision)
     path = Path(to_absolute_path(cfg.bench.out))
     out = {"command": "python -m kd.bench " + shlex.join(argv), "environment": environment(s.device),
-           "settings": {"images": s.images, "val_images": len(s.splits.val_y), "batch_size": cfg.optim.batch_size,
+           "settings": {"images": s.images, "image_size": list(s.splits.train_x.shape[-2:]),
+                        "val_images": len(s.splits.val_y), "batch_size": cfg.optim.batch_size,
                         "workers": cfg.bench.workers, "teacher": cfg.model.teacher.name, "teacher_weights": s.teacher_source,
                         "student": cfg.model.student.name, "data": cfg.data.name, "methods": methods,
                         "acceleration": dataclasses.asdict(s.prepared.acceleration),

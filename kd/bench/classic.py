@@ -28,8 +28,10 @@ class PILImages(Dataset):
 
 def loader(images: torch.Tensor, labels: torch.Tensor, mean, std, batch_size: int, workers: int, train: bool,
            seed: int, device: torch.device) -> DataLoader:
-    """RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize for training; the last two else."""
-    augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if train else []
+    """RandomCrop(the images' own size, padding=4) + RandomHorizontalFlip + ToTensor + Normalize for training; the
+    last two else."""
+    size = tuple(images.shape[-2:])
+    augment = [transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip()] if train else []
     transform = transforms.Compose([*augment, transforms.ToTensor(), transforms.Normalize(mean, std)])
     return DataLoader(PILImages(images, labels, transform), batch_size=batch_size, shuffle=train,
                       num_workers=workers, pin_memory=device.type == "cuda",

@@ -84,7 +84,8 @@ def _networks(cfg: DictConfig, s: Setup, plain: bool):
     teacher_model.load_state_dict(s.teacher_state)
     teacher_model.to(s.device).eval().requires_grad_(False)
     prepared = prepare(cfg)
-    student, teacher, loss = build_networks(cfg, prepared, teacher_model, s.splits.train_y, normalize=not plain)
+    student, teacher, loss = build_networks(cfg, prepared, teacher_model, s.splits.train_y, normalize=not plain,
+                                            image_size=s.splits.train_x.shape[-2:])
     return student, loss, teacher if loss.needs_teacher else None
 
 

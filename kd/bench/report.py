@@ -26,14 +26,21 @@ def _row(what: str, seconds: float | None, rate: str, ratio: float | None, targe
     return f"{what:<44} {sec}  {rate:>18}  {x}  {goal}"
 
 
+def _of_size(settings: dict) -> str:
+    """The images' height x width as the benchmark recorded them; nothing for a JSON written before it did."""
+    size = settings.get("image_size")
+    return f" of {size[0]}x{size[1]}" if size else ""
+
+
 def table(report: dict) -> str:
     env, s, r, t = report["environment"], report["settings"], report["ratios"], report["targets"]
     pipe, epoch, sweep = report["pipeline"], report["kd_epoch"], report["sweep"]
     lines = [f"kd.bench on {env['device']} ({env['threads']} threads, load {env['load_before']:.1f} before / "
              f"{env['load_after']:.1f} after), torch {env['torch']}",
-             f"{s['images']} training images, batch {s['batch_size']}, teacher {s['teacher']} ({s['teacher_weights']}), "
-             f"student {s['student']}, data {s['data']}; the classic loop runs fp32, the harness's per-step, sweep "
-             f"and whole-run rows run {s['precision']} (trainer.precision, as train.py would here)",
+             f"{s['images']} training images{_of_size(s)}, batch {s['batch_size']}, teacher {s['teacher']} "
+             f"({s['teacher_weights']}), student {s['student']}, data {s['data']}; the classic loop runs fp32, the "
+             f"harness's per-step, sweep and whole-run rows run {s['precision']} (trainer.precision, as train.py "
+             "would here)",
              "", f"{'':<44} {'seconds':>9}  {'rate':>18}  {'speed-up':>8}  target",
              _row(f"input pipeline: classic, {pipe['classic']['workers']} workers", pipe["classic"]["seconds"],
                   f"{pipe['classic']['batches_per_sec']:.1f} batches/s", None, None),

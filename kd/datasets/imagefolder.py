@@ -49,10 +49,28 @@ def imagefolder(root: str | None, num_classes: int, cache_dir: str | None) -> Ar
     return _decoded_once(root_path, train_classes, Path(to_absolute_path(cache_dir)), decode)
 
 
-def _decoded_once(root: Path, classes: list[str], cache_dir: Path, decode) -> Arrays:
+def decode_split(folder: str | Path, classes: list[str], cache_dir: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split on its own, `folder/<class>/*` (a test set beside the training data: CIFAR-10.1, one corruption
+    and severity of CIFAR-10-C), as uint8 images and labels; label = the class's position in `classes` (the
+    training data's class names, in label order), so the folder may list them in any order. Kept in `cache_dir`
+    as `imagefolder` keeps a whole folder (null: decode every time)."""
+    folder = Path(folder)
+    missing = [name for name in classes if not (folder / name).is_dir()]
+    if missing:
+        raise DataError(f"{folder} has no class folder {', '.join(missing)}; expected {folder}/<class>/<image files> "
+                        f"for each of the classes {', '.join(classes)}")
+
+    def decode() -> tuple[torch.Tensor, torch.Tensor]:
+        return _decode_folder(folder, classes)
+    if cache_dir is None:
+        return decode()
+    return _decoded_once(folder, classes, Path(cache_dir), decode, splits=("",))
+
+
+def _decoded_once(root: Path, classes: list[str], cache_dir: Path, decode, splits=("train", "test")) -> Arrays:
     """The folder's decoded arrays from `cache_dir`, decoding (under a lock, once for all jobs) on a miss."""
     listing = hashlib.sha256(DECODER.encode())
-    for split in ("train", "test"):
+    for split in splits:
         for name in classes:
             for file in _visible(root / split / name):
                 stat = file.stat()

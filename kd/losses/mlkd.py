@@ -2,6 +2,8 @@ import torch
 import torch.nn.functional as F
 
 from kd.losses.base import DistillationLoss, LossParts
+from kd.losses.entropy_aware import ARGUMENT_RANGES as ENTROPY_RANGES, entropy_weights
+from kd.losses.logit_standardization import zscore
 
 MASKING = ("released", "per_sample")
 
@@ -39,19 +41,29 @@ class MLKD(DistillationLoss):
     averaged): w_i = mean(m), u_b = mean(k), the kept fractions, for every sample and class; "per_sample": w = m,
     u = k, the masks select samples and classes. mask_percentile = 100 keeps everything (the unmasked paper loss).
     loss = ce_weight * CE(z_s, y) + kd_weight * sum_T (instance_T + batch_T + class_T).
+
+    standardize: the instance terms read z-scored logits Z(z) = (z - mean) / (std + 1e-7) (Sun et al., CVPR 2024,
+    arXiv:2403.01427), T then the base temperature; the batch and class terms and the masks read the raw logits,
+    as the LS authors' MLKD.py applies it (only inside its kd_loss).
+    entropy_aware: EA-MLD (Su et al., ICCV 2025, arXiv:2311.13621; the authors' KD_ours.py): w_i above is multiplied
+    by w_EA,i = H_t,i (1 + H_s,i / H_ub) / 2 (kd.losses.entropy_aware; entropies of softmax(z/T') of the raw
+    logits), the same at every T; the batch and class terms are not reweighted.
     """
 
     argument_ranges = {"temperatures": "(0, inf)", "mask_percentile": "[0, 100]", "ce_weight": "[0, inf)",
-                       "kd_weight": "[0, inf)"}
+                       "kd_weight": "[0, inf)", **ENTROPY_RANGES}
 
     def __init__(self, temperatures: list[float], mask_percentile: float, masking: str, ce_weight: float,
-                 kd_weight: float):
+                 kd_weight: float, standardize: bool, entropy_aware: bool = False,
+                 entropy_temperature: float | None = None, entropy_bound: float | None = None):
         super().__init__()
         if masking not in MASKING:
             raise ValueError(f"mlkd: masking {masking!r} is not one of {list(MASKING)}")
         self.temperatures = tuple(float(t) for t in temperatures)
         self.mask_percentile, self.masking = mask_percentile, masking
         self.ce_weight, self.kd_weight = ce_weight, kd_weight
+        self.standardize = standardize
+        self.weighting = entropy_weights("MLKD", entropy_aware, entropy_temperature, entropy_bound)
 
     def masks(self, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample mask over B, class mask over C) from the teacher's T = 1 predictions, as 0/1 floats."""
@@ -65,12 +77,16 @@ class MLKD(DistillationLoss):
         samples, classes = self.masks(zt)
         if self.masking == "released":  # the code's reduced terms times its masks, averaged: the kept fractions
             samples, classes = samples.mean().expand_as(samples), classes.mean().expand_as(classes)
+        ea = None if self.weighting is None else self.weighting(zs, zt)
+        weights = samples if ea is None else samples * ea
+        ks, kt = (zscore(zs), zscore(zt)) if self.standardize else (zs, zt)  # the instance terms' logits
         instance = batch_level = class_level = zs.new_zeros(())
         for t in self.temperatures:
             ps, pt = F.softmax(zs / t, dim=1), F.softmax(zt / t, dim=1)
-            instance = instance + instance_term(zs, zt, t, samples)
+            instance = instance + instance_term(ks, kt, t, weights)
             batch_level = batch_level + gram_gap(ps, pt, samples) / len(zs)
             class_level = class_level + gram_gap(ps.t(), pt.t(), classes) / zs.shape[1]
         ce = F.cross_entropy(zs, batch.labels)
+        weighting = {} if ea is None else {"entropy_weight": ea.mean()}
         return LossParts(self.ce_weight * ce, self.kd_weight * (instance + batch_level + class_level),
-                         {"ce": ce, "instance": instance, "batch": batch_level, "class": class_level})
+                         {"ce": ce, "instance": instance, "batch": batch_level, "class": class_level, **weighting})

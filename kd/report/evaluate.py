@@ -22,6 +22,7 @@ from kd.device import resolve_precision
 from kd.evaluation import Predictions, embedded_predictions, kept_predictions, teacher_predictions
 from kd.io import file_sha256, tensors_sha256
 from kd.report.collect import Job
+from kd.models import CIFAR_IMAGE_SIZE
 from kd.report.complexity import complexity
 from kd.run_folder import STUDENT, TEST_PREDICTIONS
 
@@ -87,11 +88,12 @@ class Evaluator:
         self.test_split(job)
         return self._split_sha256[_key(job.cfg.data.source)]
 
-    def _predict(self, job: Job, model_cfg: DictConfig, weights: Path) -> Predictions:
+    def _predict(self, job: Job, model_cfg: DictConfig, weights: Path, images: torch.Tensor | None = None) -> Predictions:
+        """A model's predictions on `images`, by default the job's test split."""
         model = instantiate(model_cfg.arch)
         load_weights(model, weights)
-        return embedded_predictions(model_cfg, model.to(self.device), self.test_split(job)[0],
-                                    job.cfg.trainer.eval_batch_size,
+        images = self.test_split(job)[0] if images is None else images
+        return embedded_predictions(model_cfg, model.to(self.device), images, job.cfg.trainer.eval_batch_size,
                                     resolve_precision(job.cfg.trainer.precision, self.device))
 
     def _teacher_predictions(self, job: Job, ckpt: Path) -> Predictions:
@@ -123,11 +125,21 @@ class Evaluator:
                                 self.device)
         return kept or self._predict(job, job.cfg.model.student, job.folder / STUDENT)
 
-    def complexity(self, model_cfg: DictConfig) -> dict:
-        """Size and cost of an architecture, measured once per architecture config."""
-        key = _key(model_cfg.arch)
+    def student_logits_on(self, job: Job, images: torch.Tensor) -> torch.Tensor:
+        """The job's student on other images than its test split (a test set given to the report)."""
+        return self._predict(job, job.cfg.model.student, job.folder / STUDENT, images).logits
+
+    def teacher_logits_on(self, job: Job, images: torch.Tensor) -> torch.Tensor:
+        """The job's teacher (its checkpoint, never retrained) on other images. Not kept in the teacher cache:
+        CIFAR-10-C's 950,000 images would leave gigabytes of embeddings there."""
+        return self._predict(job, job.cfg.model.teacher, teacher_checkpoint(job), images).logits
+
+    def complexity(self, model_cfg: DictConfig, image_size: tuple[int, int] = CIFAR_IMAGE_SIZE) -> dict:
+        """Size and cost of an architecture on images of `image_size` (height, width), measured once per
+        architecture config and size."""
+        key = json.dumps([_key(model_cfg.arch), list(image_size)])
         if key not in self._complexity:
             model = instantiate(model_cfg.arch).to(self.device)
             self._complexity[key] = complexity(model, self.latency.batch_size, self.latency.warmup,
-                                               self.latency.repeats, self.latency.seconds)
+                                               self.latency.repeats, self.latency.seconds, tuple(image_size))
         return self._complexity[key]

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from kd.report.collect import OK, Job
 from kd.report.metrics import (ECE_BINS, metric_formats, metric_names, per_class_accuracy, primary_metric,
                                ranked_metrics)
-from kd.report.tables import history_table, students
+from kd.report.tables import corruption_table, history_table, students, test_set_means
 
 # Columns that are not metrics (those have their format in kd.report.metrics.METRICS).
 NUMBERS = {"difference": "+.2f", "difference_last": "+.2f", "loss": ".4f", "seconds": ".1f", "latency_ms": ".4f",
@@ -213,6 +213,27 @@ def report(title: str, summary: pd.DataFrame, ranks: pd.DataFrame, seeds: pd.Dat
         per_class_table(matrices, class_names),
         link("confusion", "confusion matrices"),
     ]
+    return "\n\n".join(parts) + "\n"
+
+
+def test_sets_section(summary: pd.DataFrame, accuracies: pd.DataFrame, sets: list[str]) -> str:
+    """The teachers and students on the test sets given with --test-data; per corruption and per severity for a
+    CIFAR-10-C-style set."""
+    parts = ["## Other test sets (--test-data; acc@<set> in summary.csv, every split in test_sets.csv)",
+             "The same teachers and students, not retrained, on other test sets in the runs' classes: accuracy (a "
+             "fraction), a method's finished seeds averaged; test_acc is the runs' own test set. A corruption set's "
+             "acc@<set> is the mean over its corruptions and severities.",
+             table(test_set_means(summary, sets))]
+    corrupted = [name for name in sets if (accuracies[accuracies.set == name].corruption != "").any()]
+    for name in corrupted:
+        parts += [f"### {name}: accuracy per corruption (its severities averaged)",
+                  table(corruption_table(accuracies, name, "corruption")),
+                  f"### {name}: accuracy per severity (the corruptions averaged)",
+                  table(corruption_table(accuracies, name, "severity"))]
+    failed = accuracies[accuracies.error != ""]
+    if len(failed):
+        parts.append("Not evaluated: " + "; ".join(f"{r.label} ({r.job}) on {r.set}: {r.error}"
+                                                  for r in failed.drop_duplicates(["job", "set"]).itertuples()))
     return "\n\n".join(parts) + "\n"
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kd.report.collect import FAILED, OK, Job
+from kd.report.complexity import recorded_image_size
 from kd.report.evaluate import Evaluator, Teacher
 from kd.report.metrics import Outputs, computed_metrics, confusion, recorded_metrics, reliability_bins
 
@@ -26,10 +27,12 @@ def pool(a: dict | None, b: dict) -> dict:
 @dataclass
 class Evaluated:
     """Summary rows (teachers first, then jobs in sweep order); per teacher and per method (a method's seeds
-    pooled by adding counts): reliability bins and confusion matrices."""
+    pooled by adding counts): reliability bins and confusion matrices; each teacher's row name and the first job
+    that uses it."""
     rows: list[dict] = field(default_factory=list)
     bins: dict[str, dict] = field(default_factory=dict)
     confusion: dict[str, torch.Tensor] = field(default_factory=dict)
+    teachers: dict[str, Job] = field(default_factory=dict)
 
     def add(self, label: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.bins[label] = pool(self.bins.get(label), reliability_bins(logits, labels))
@@ -41,7 +44,7 @@ def teacher_row(teacher: Teacher, name: str, job: Job, evaluator: Evaluator) -> 
     row = {"role": "teacher", "job": name, "method": "teacher", "method_name": f"Teacher ({teacher.arch})",
            "label": name, "status": FAILED if teacher.error else OK, "reason": teacher.error, "arch": teacher.arch,
            "teacher": name, "data": str(job.cfg.data.name), "sweep": str(job.sweep)}
-    row |= evaluator.complexity(job.cfg.model.teacher)
+    row |= evaluator.complexity(job.cfg.model.teacher, recorded_image_size(job.results))
     if teacher.logits is not None:
         row |= computed_metrics(Outputs(teacher.logits, evaluator.test_split(job)[1], teacher.logits, teacher.embed,
                                         teacher.embed))
@@ -57,18 +60,31 @@ def student_row(job: Job, teacher_name: str) -> dict:
             "best_epoch": results.get("best_epoch"), **recorded_metrics(results)}
 
 
-def evaluate_jobs(jobs: list[Job], evaluator: Evaluator) -> Evaluated:
-    teacher_rows, job_rows, names = [], [], {}
-    evaluated = Evaluated()
+def teachers_in_order(jobs: list[Job], evaluator: Evaluator) -> dict[str, tuple[str, Job]]:
+    """Each teacher's key -> its row name and the first job that uses it, in sweep order; a second teacher's name
+    is numbered (`teacher resnet20 #2`)."""
+    found: dict[str, tuple[str, Job]] = {}
     for job in jobs:
         teacher = evaluator.teacher(job)  # a teacher that cannot be evaluated is a failed row, not an exception
-        if teacher.key not in names:
-            names[teacher.key] = f"teacher {teacher.arch}" + (f" #{len(names) + 1}" if names else "")
-            teacher_rows.append(teacher_row(teacher, names[teacher.key], job, evaluator))
-            if teacher.logits is not None:
-                evaluated.add(names[teacher.key], teacher.logits, evaluator.test_split(job)[1])
-        row = student_row(job, names[teacher.key])
-        teacher_stats = teacher_rows[list(names).index(teacher.key)]
+        if teacher.key not in found:
+            found[teacher.key] = (f"teacher {teacher.arch}" + (f" #{len(found) + 1}" if found else ""), job)
+    return found
+
+
+def evaluate_jobs(jobs: list[Job], evaluator: Evaluator) -> Evaluated:
+    evaluated = Evaluated()
+    teachers = teachers_in_order(jobs, evaluator)
+    teacher_rows = {}
+    for key, (name, job) in teachers.items():
+        teacher = evaluator.teacher(job)
+        teacher_rows[key] = teacher_row(teacher, name, job, evaluator)
+        evaluated.teachers[name] = job
+        if teacher.logits is not None:
+            evaluated.add(name, teacher.logits, evaluator.test_split(job)[1])
+    job_rows = []
+    for job in jobs:
+        teacher = evaluator.teacher(job)
+        row = student_row(job, teachers[teacher.key][0])
         if job.status == OK:
             try:
                 out, test_y = evaluator.student(job), evaluator.test_split(job)[1]
@@ -80,10 +96,11 @@ def evaluate_jobs(jobs: list[Job], evaluator: Evaluator) -> Evaluated:
                 row |= computed_metrics(Outputs(out.logits, test_y, reference, out.embed,
                                                 teacher.embed if known else None))
                 evaluated.add(job.label, out.logits, test_y)
-        size = evaluator.complexity(job.cfg.model.student)
+        size = evaluator.complexity(job.cfg.model.student, recorded_image_size(job.results))
+        teacher_stats = teacher_rows[teacher.key]
         row |= size | {f"{name}_ratio": _ratio(teacher_stats[key], size[key]) for key, name in RATIOS.items()}
         job_rows.append(row)
         log.info("%s: %s %s", job.folder, row["status"],
                  f"test_acc {row['test_acc']:.4f}" if "test_acc" in row else row["reason"])
-    evaluated.rows = teacher_rows + job_rows
+    evaluated.rows = list(teacher_rows.values()) + job_rows
     return evaluated

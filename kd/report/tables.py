@@ -28,6 +28,40 @@ def summary_table(rows: list[dict]) -> pd.DataFrame:
             .astype({c: "Int64" for c in COUNTS} | {name: "float64" for name in metric_names()}))
 
 
+def with_test_sets(summary: pd.DataFrame, accuracies: pd.DataFrame, sets: list[str]) -> pd.DataFrame:
+    """The summary with one `acc@<set>` column per other test set (kd/report/test_sets.py): each model's accuracy
+    there, a corruption set's the mean over its corruptions and severities; empty where a model was not evaluated."""
+    if not sets:
+        return summary
+    # skipna=False: a model that failed on one split has no mean over the set, rather than a mean of fewer splits
+    wide = (accuracies.groupby(["role", "sweep", "job", "set"], sort=False).accuracy
+            .agg(lambda a: a.mean(skipna=False)).unstack("set")
+            .reindex(columns=sets).rename(columns=test_set_column).rename_axis(columns=None).reset_index())
+    return summary.merge(wide, on=["role", "sweep", "job"], how="left")
+
+
+def test_set_column(set_name: str) -> str:
+    return f"acc@{set_name}"
+
+
+def test_set_means(summary: pd.DataFrame, sets: list[str]) -> pd.DataFrame:
+    """Per teacher and per method: test accuracy on the runs' own test set and on each other test set, the
+    method's finished seeds averaged."""
+    done = summary[summary.status == OK]
+    columns = ["test_acc", *map(test_set_column, sets)]
+    return done.groupby("label", sort=False)[columns].mean().reset_index()
+
+
+def corruption_table(accuracies: pd.DataFrame, set_name: str, by: str) -> pd.DataFrame:
+    """One corruption set's accuracy per model (a method's seeds averaged) and per `by` (`corruption`: its
+    severities averaged; `severity`: its corruptions averaged), and the mean over all its splits."""
+    rows = accuracies[accuracies.set == set_name]
+    table = (rows.groupby(["label", by], sort=False).accuracy.mean().unstack(by)
+             .reindex(index=rows.label.unique(), columns=rows[by].unique()))
+    table["mean"] = rows.groupby("label", sort=False).accuracy.mean()
+    return table.rename_axis(index="model", columns=None).reset_index()
+
+
 def students(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[summary.role == "student"]
 

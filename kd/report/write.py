@@ -16,6 +16,7 @@ from kd.report.evaluate import Evaluator, LatencySettings
 from kd.report.metrics import per_class_accuracy
 from kd.report.published import comparison as published_numbers
 from kd.report.rows import Evaluated, evaluate_jobs
+from kd.report.test_sets import evaluate_test_sets, find_test_sets
 from kd.report.wandb_log import log_report
 from kd.report.wandb_report import Published, wandb_report
 
@@ -38,12 +39,18 @@ def _slug(text: str) -> str:
 
 
 def write_report(folders: list[Path], device: torch.device, latency: LatencySettings, out: Path | None = None,
-                 wandb_mode: str | None = None) -> Written:
+                 wandb_mode: str | None = None, test_data: list[Path] = ()) -> Written:
+    """`test_data`: other test sets' folders (kd/report/test_sets.py), each model's accuracy on them added to the
+    summary (`acc@<folder name>`), to report.md and, split by split, to test_sets.csv."""
     folders = [Path(f) for f in folders]
     jobs = collect(folders)
+    splits = find_test_sets(list(test_data), jobs)  # a folder in the wrong layout fails before any evaluation
     out = Path(out or folders[0])
-    evaluated = evaluate_jobs(jobs, Evaluator(device, latency))
-    summary = tables.summary_table(evaluated.rows)
+    evaluator = Evaluator(device, latency)
+    evaluated = evaluate_jobs(jobs, evaluator)
+    accuracies = evaluate_test_sets(splits, jobs, evaluator, evaluated.teachers)
+    sets = list(dict.fromkeys(split.set for split in splits))
+    summary = tables.with_test_sets(tables.summary_table(evaluated.rows), accuracies, sets)
     ranks, seeds, best = tables.rank_table(summary), tables.seed_table(summary), tables.best_table(summary)
     names = shared_class_names(jobs)
     by_label = grouped(jobs, lambda job: job.label)
@@ -52,6 +59,9 @@ def write_report(folders: list[Path], device: torch.device, latency: LatencySett
                            list(by_label.values()), drawn, out, notes(folders, jobs, device, latency))
     data = {"summary": summary, "ranks": ranks, "seeds": seeds, "best": best,
             "per_class": per_class_table(evaluated, names)}
+    if sets:
+        text += "\n" + markdown.test_sets_section(summary, accuracies, sets)
+        data["test_sets"] = accuracies
     beside = published_numbers(jobs)
     if len(beside):  # CIFAR-100 jobs of a published pair and method
         text += "\n" + markdown.published_section(beside)
@@ -106,4 +116,4 @@ def notes(folders: list[Path], jobs: list[Job], device: torch.device, latency: L
                f"{latency.seconds:g} s of them per model, at least {MIN_TIMED}) after {latency.warmup} warm-up"
                if latency.repeats else "latency: not measured (--latency-repeats 0)"),
             "accuracies are fractions; KL is KL(teacher || student) of the softmax outputs; MACs and FLOPs per "
-            "32x32 image (torch.utils.flop_counter, FLOPs = 2 x MACs)"]
+            "image, at the size its run trained on (torch.utils.flop_counter, FLOPs = 2 x MACs)"]
