@@ -49,7 +49,10 @@ def train_env(**extra):
 
 
 def run_train(args, cwd, timeout=600, **env):
-    """`python train.py ARGS` in a subprocess, as a user would run it."""
+    """`python train.py ARGS` in a subprocess, as a user would run it; its files under `cwd` unless a test set
+    KD_ROOT (a module-wide fixture runs before the per-test KD_ROOT is set)."""
+    if "KD_ROOT" not in os.environ:
+        env.setdefault("KD_ROOT", str(cwd))
     return subprocess.run(train_command(args), cwd=cwd, env=train_env(**env), capture_output=True, text=True,
                           timeout=timeout)
 

@@ -43,7 +43,7 @@ def check(tmp_path_factory):
     """The whole check, with a failing method in the smoke list and a cap too small for the steps part."""
     folder = tmp_path_factory.mktemp("gpu-check")
     proc = subprocess.run(check_command("bench.gpu.smoke_methods=[kd,nosuch]", "bench.gpu.steps_s=1"), cwd=folder,
-                          env=train_env(), capture_output=True, text=True, timeout=300)
+                          env=train_env(KD_ROOT=str(folder)), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return records(folder), proc.stdout
 
