@@ -1,6 +1,7 @@
 """Independent references for the loss tests: numpy forms of the paper formulas' building blocks, and
 small constructors for what a loss receives."""
 import numpy as np
+import pytest
 import torch
 
 from kd.losses.batch import Batch, Progress
@@ -40,3 +41,33 @@ def evaluate(loss, student, teacher, labels, **batch_args):
     """(total, terms) of a loss call, as floats are compared in the tests."""
     parts = loss(student, teacher, batch(labels, **batch_args))
     return parts.total, parts.terms
+
+
+def classifier_fixture_inputs(recipe):
+    """A reference fixture's seeded inputs for a loss that applies classifiers to feature maps (CAT-KD, SDD): maps,
+    classifier weights and biases, labels, checked against what the authors' code saw (the fixture's "recipe")."""
+    g = torch.Generator().manual_seed(recipe["seed"])
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    batch, classes = recipe["batch"], recipe["classes"]
+    student, teacher = recipe["student_shape"], recipe["teacher_shape"]
+    f_s, f_t = randn(batch, *student), randn(batch, *teacher)
+    w_s, b_s = randn(classes, student[0]) / student[0] ** 0.5, 0.1 * randn(classes)
+    w_t, b_t = randn(classes, teacher[0]) / teacher[0] ** 0.5, 0.1 * randn(classes)
+    labels = torch.randint(classes, (batch,), generator=g)
+    check = recipe["check"]
+    assert f_s.sum().item() == pytest.approx(check["student_sum"], rel=1e-12)
+    assert f_t.sum().item() == pytest.approx(check["teacher_sum"], rel=1e-12)
+    assert f_s.flatten()[:3].tolist() == check["student_first"] and labels.tolist() == check["labels"]
+    return f_s, f_t, w_s, b_s, w_t, b_t, labels
+
+
+def assert_gradient_summary(gradient, expected, probe_seed):
+    """A gradient against the fixture's summary of the reference's: sum, sum of magnitudes, first entries, and its dot
+    product with a seeded random probe (any entry off moves it)."""
+    flat = gradient.flatten()
+    probe = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(probe_seed), dtype=torch.float64)
+    scale = expected["abs_sum"]
+    assert flat.abs().sum().item() == pytest.approx(scale, rel=1e-10)
+    assert flat.sum().item() == pytest.approx(expected["sum"], rel=1e-9, abs=1e-12 * scale)
+    assert (flat @ probe).item() == pytest.approx(expected["dot_probe"], rel=1e-9, abs=1e-12 * scale)
+    np.testing.assert_allclose(flat[:6].numpy(), expected["first"], rtol=1e-9, atol=1e-12 * scale)

@@ -13,7 +13,8 @@ from torch import nn
 
 from conftest import TINY, compose_config
 from kd import run
-from reference import batch as make_batch, cross_entropy as np_ce, outputs
+from reference import (assert_gradient_summary, batch as make_batch, classifier_fixture_inputs, cross_entropy as np_ce,
+                       outputs)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "catkd_reference.json"
 TAPS = {"classifier_map": "body", "embed": "fc:input"}
@@ -76,35 +77,6 @@ def test_cat_kd_against_a_loop_over_the_papers_class_activation_maps(normalize, 
     assert parts.task.item() == pytest.approx(0.5 * np_ce(zs.numpy(), y.numpy()), rel=1e-10)
 
 
-def fixture_inputs(recipe):
-    """The recipe's inputs (tests/fixtures/catkd_reference.json, "recipe"), checked against what the reference saw."""
-    g = torch.Generator().manual_seed(recipe["seed"])
-    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    batch, classes = recipe["batch"], recipe["classes"]
-    student, teacher = recipe["student_shape"], recipe["teacher_shape"]
-    f_s, f_t = randn(batch, *student), randn(batch, *teacher)
-    w_s, b_s = randn(classes, student[0]) / student[0] ** 0.5, 0.1 * randn(classes)
-    w_t, b_t = randn(classes, teacher[0]) / teacher[0] ** 0.5, 0.1 * randn(classes)
-    labels = torch.randint(classes, (batch,), generator=g)
-    check = recipe["check"]
-    assert f_s.sum().item() == pytest.approx(check["student_sum"], rel=1e-12)
-    assert f_t.sum().item() == pytest.approx(check["teacher_sum"], rel=1e-12)
-    assert f_s.flatten()[:3].tolist() == check["student_first"] and labels.tolist() == check["labels"]
-    return f_s, f_t, w_s, b_s, w_t, b_t, labels
-
-
-def assert_summary(gradient, expected, probe_seed):
-    """A gradient against the fixture's summary of the reference's: sum, sum of magnitudes, first entries, and its dot
-    product with a seeded random probe (any entry off moves it)."""
-    flat = gradient.flatten()
-    probe = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(probe_seed), dtype=torch.float64)
-    scale = expected["abs_sum"]
-    assert flat.abs().sum().item() == pytest.approx(scale, rel=1e-10)
-    assert flat.sum().item() == pytest.approx(expected["sum"], rel=1e-9, abs=1e-12 * scale)
-    assert (flat @ probe).item() == pytest.approx(expected["dot_probe"], rel=1e-9, abs=1e-12 * scale)
-    np.testing.assert_allclose(flat[:6].numpy(), expected["first"], rtol=1e-9, atol=1e-12 * scale)
-
-
 @pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("case", range(3))
 def test_cat_kd_matches_the_authors_cat_loss(case):
@@ -112,7 +84,7 @@ def test_cat_kd_matches_the_authors_cat_loss(case):
     run by /tmp/ref_catkd.py on seeded float64 maps and classifier weights: value and gradients."""
     reference = json.loads(FIXTURE.read_text())
     expected = reference["cases"][case]
-    f_s, f_t, w_s, b_s, w_t, b_t, labels = fixture_inputs(expected["inputs"])
+    f_s, f_t, w_s, b_s, w_t, b_t, labels = classifier_fixture_inputs(expected["inputs"])
     loss, student = make_cat_kd(w_s, b_s, w_t, b_t, f_s.shape[1:], f_t.shape[1:], resolution=expected["resolution"],
                                 normalize=expected["normalize"])
     f_s.requires_grad_(True)
@@ -121,8 +93,8 @@ def test_cat_kd_matches_the_authors_cat_loss(case):
     parts.terms["cat"].backward()
     probe_seed = int(reference["gradient_summary"].rsplit("probe_seed ", 1)[1])
     assert parts.terms["cat"].item() == pytest.approx(expected["value"], rel=1e-12)
-    assert_summary(f_s.grad, expected["gradient_wrt_student_features"], probe_seed)
-    assert_summary(student.fc.weight.grad, expected["gradient_wrt_student_classifier_weight"], probe_seed)
+    assert_gradient_summary(f_s.grad, expected["gradient_wrt_student_features"], probe_seed)
+    assert_gradient_summary(student.fc.weight.grad, expected["gradient_wrt_student_classifier_weight"], probe_seed)
     assert student.fc.bias.grad is None or not student.fc.bias.grad.any()  # the maps use no bias
 
 

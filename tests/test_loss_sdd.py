@@ -16,7 +16,8 @@ from torch import nn
 from conftest import TINY, compose_config
 from kd import run
 from kd.losses.batch import Progress
-from reference import batch as make_batch, cross_entropy as np_ce, log_softmax as np_log_softmax, outputs
+from reference import (assert_gradient_summary, batch as make_batch, classifier_fixture_inputs, cross_entropy as np_ce,
+                       log_softmax as np_log_softmax, outputs)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sdd_reference.json"
 TAPS = {"classifier_map": "body", "embed": "fc:input"}
@@ -154,35 +155,6 @@ def test_sd_dkd_warms_up_the_whole_term_and_sd_kd_not_at_all():
         assert early.task.item() == full.task.item() and early.terms["sdd"].item() == full.terms["sdd"].item()
 
 
-def fixture_inputs(recipe):
-    """The recipe's inputs (tests/fixtures/sdd_reference.json, "recipe"), checked against what the reference saw."""
-    g = torch.Generator().manual_seed(recipe["seed"])
-    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    batch, classes = recipe["batch"], recipe["classes"]
-    student, teacher = recipe["student_shape"], recipe["teacher_shape"]
-    f_s, f_t = randn(batch, *student), randn(batch, *teacher)
-    w_s, b_s = randn(classes, student[0]) / student[0] ** 0.5, 0.1 * randn(classes)
-    w_t, b_t = randn(classes, teacher[0]) / teacher[0] ** 0.5, 0.1 * randn(classes)
-    labels = torch.randint(classes, (batch,), generator=g)
-    check = recipe["check"]
-    assert f_s.sum().item() == pytest.approx(check["student_sum"], rel=1e-12)
-    assert f_t.sum().item() == pytest.approx(check["teacher_sum"], rel=1e-12)
-    assert f_s.flatten()[:3].tolist() == check["student_first"] and labels.tolist() == check["labels"]
-    return f_s, f_t, w_s, b_s, w_t, b_t, labels
-
-
-def assert_summary(gradient, expected, probe_seed):
-    """A gradient against the fixture's summary of the reference's: sum, sum of magnitudes, first entries, and its dot
-    product with a seeded random probe (any entry off moves it)."""
-    flat = gradient.flatten()
-    probe = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(probe_seed), dtype=torch.float64)
-    scale = expected["abs_sum"]
-    assert flat.abs().sum().item() == pytest.approx(scale, rel=1e-10)
-    assert flat.sum().item() == pytest.approx(expected["sum"], rel=1e-9, abs=1e-12 * scale)
-    assert (flat @ probe).item() == pytest.approx(expected["dot_probe"], rel=1e-9, abs=1e-12 * scale)
-    np.testing.assert_allclose(flat[:6].numpy(), expected["first"], rtol=1e-9, atol=1e-12 * scale)
-
-
 @pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("case", range(4))
 def test_sd_kd_and_sd_dkd_match_the_authors_code(case):
@@ -191,7 +163,7 @@ def test_sd_kd_and_sd_dkd_match_the_authors_code(case):
     reference = json.loads(FIXTURE.read_text())
     expected = reference["cases"][case]
     assert expected["complementary_regions"] > 0
-    f_s, f_t, w_s, b_s, w_t, b_t, labels = fixture_inputs(expected["inputs"])
+    f_s, f_t, w_s, b_s, w_t, b_t, labels = classifier_fixture_inputs(expected["inputs"])
     loss, student = make_sdd(expected["base"], w_s, b_s, w_t, b_t, f_s.shape[1:], f_t.shape[1:],
                              scales=json.loads(expected["M"]), temperature=expected["temperature"],
                              alpha=expected["alpha"], beta=expected["beta"])
@@ -201,9 +173,9 @@ def test_sd_kd_and_sd_dkd_match_the_authors_code(case):
     parts.terms["sdd"].backward()
     probe_seed = int(reference["gradient_summary"].rsplit("probe_seed ", 1)[1])
     assert parts.terms["sdd"].item() == pytest.approx(expected["value"], rel=1e-12)
-    assert_summary(f_s.grad, expected["gradient_wrt_student_features"], probe_seed)
-    assert_summary(student.fc.weight.grad, expected["gradient_wrt_student_classifier_weight"], probe_seed)
-    assert_summary(student.fc.bias.grad, expected["gradient_wrt_student_classifier_bias"], probe_seed)
+    assert_gradient_summary(f_s.grad, expected["gradient_wrt_student_features"], probe_seed)
+    assert_gradient_summary(student.fc.weight.grad, expected["gradient_wrt_student_classifier_weight"], probe_seed)
+    assert_gradient_summary(student.fc.bias.grad, expected["gradient_wrt_student_classifier_bias"], probe_seed)
 
 
 # ---------------------------------------------------------------- real networks, as a run builds them
