@@ -50,7 +50,10 @@ def test_glob_sweep_runs_every_method(tmp_path, random_teacher_ckpts):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
     assert sorted(r["method"] for r in results) == sorted(METHODS)
-    assert all(r["teacher"]["arch"] == "resnet20" and len(r["history"]) == 1 for r in results)
+    teachers = {r["method"]: r["teacher"]["arch"] for r in results}
+    assistants = {m: compose_config([f"method={m}"]).method.get("assistant") for m in METHODS}
+    assert teachers == {m: a.model if a else "resnet20" for m, a in assistants.items()}  # an assistant teaches in its place
+    assert all(len(r["history"]) == 1 for r in results)
 
 
 @pytest.mark.parametrize("method", METHODS)

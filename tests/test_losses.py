@@ -73,7 +73,7 @@ def test_finite_for_tiny_batches_and_extreme_logits(method, batch_size):
 def test_a_misspelt_loss_argument_names_itself_and_the_valid_ones():
     cfg = compose_config(["method=kd", "+method.loss.temprature=2"])
     with pytest.raises(ValueError, match=r"VanillaKD takes no argument \['temprature'\]; its arguments are "
-                                         r"\['temperature', 'alpha', 'standardize'\]"):
+                                         r"\['temperature', 'alpha', 'standardize', 'entropy_aware', "):
         loss_factory(cfg.method.loss)
 
 

@@ -50,15 +50,16 @@ def test_every_preset_searches_keys_of_its_own_method(preset):
         parsed(f"{key}={expression}")  # valid sweep syntax
 
 
-def test_a_preset_fixes_the_sweep_folder_so_the_same_command_finds_its_study():
+def test_a_preset_fixes_the_sweep_folder_so_the_same_command_finds_its_study(tmp_path):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         search = compose(config_name="config", overrides=["hparams_search=kd_tpe"], return_hydra_config=True)
         plain = compose(config_name="config", return_hydra_config=True)
-    assert search.hydra.sweep.dir == "multirun/search/kd_tpe"
+    assert search.hydra.sweep.dir == str(tmp_path / "multirun/search/kd_tpe")  # under paths.root ($KD_ROOT here)
     assert search.hydra.sweeper._target_ == "hydra_plugins.kd_sweeper.KDOptunaSweeper"
-    assert plain.hydra.sweep.dir.startswith("multirun/") and not plain.hydra.sweep.dir.startswith("multirun/search")
+    multirun = str(tmp_path / "multirun") + "/"
+    assert plain.hydra.sweep.dir.startswith(multirun) and not plain.hydra.sweep.dir.startswith(multirun + "search")
     assert plain.hydra.runtime.choices["hydra/job_logging"] == "kd" == search.hydra.runtime.choices["hydra/job_logging"]
 
 
