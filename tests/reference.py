@@ -3,6 +3,7 @@ small constructors for what a loss receives."""
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from kd.losses.batch import Batch, Progress
 from kd.taps import Outputs
@@ -71,3 +72,30 @@ def assert_gradient_summary(gradient, expected, probe_seed):
     assert flat.sum().item() == pytest.approx(expected["sum"], rel=1e-9, abs=1e-12 * scale)
     assert (flat @ probe).item() == pytest.approx(expected["dot_probe"], rel=1e-9, abs=1e-12 * scale)
     np.testing.assert_allclose(flat[:6].numpy(), expected["first"], rtol=1e-9, atol=1e-12 * scale)
+
+
+def logit_fixture_inputs(recipe):
+    """A logit loss's seeded inputs as the authors' code saw them (a fixture's `inputs` recipe: NKD, RLD), checked."""
+    g = torch.Generator().manual_seed(recipe["seed"])
+    rows = torch.arange(recipe["batch"])
+    y = torch.randint(recipe["classes"], (recipe["batch"],), generator=g)
+    zt = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
+    zt[rows, y] += recipe["teacher_margin"]
+    zs = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
+    zs[rows, y] += recipe["student_margin"]
+    weights = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64)
+    check = recipe["check"]
+    assert zs.sum().item() == pytest.approx(check["student_sum"], rel=1e-12)
+    assert zt.sum().item() == pytest.approx(check["teacher_sum"], rel=1e-12)
+    assert int(y.sum()) == check["labels_sum"] and y[:8].tolist() == check["first_labels"]
+    return zs, zt, y, weights
+
+
+class ClassifierHead(nn.Module):
+    """What a loss reads of a network here: its classifier `fc`, with given weights."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(weight), self.fc.bias.copy_(bias)

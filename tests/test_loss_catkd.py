@@ -9,33 +9,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from torch import nn
 
 from conftest import TINY, compose_config
 from kd import run
-from reference import (assert_gradient_summary, batch as make_batch, classifier_fixture_inputs, cross_entropy as np_ce,
-                       outputs)
+from reference import (ClassifierHead, assert_gradient_summary, batch as make_batch, classifier_fixture_inputs,
+                       cross_entropy as np_ce, outputs)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "catkd_reference.json"
 TAPS = {"classifier_map": "body", "embed": "fc:input"}
 FEATURES = ["classifier_map", "embed"]
 
 
-class Head(nn.Module):
-    """What a loss reads of a network here: its classifier `fc`, with given weights."""
-
-    def __init__(self, weight, bias):
-        super().__init__()
-        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.fc.weight.copy_(weight), self.fc.bias.copy_(bias)
-
-
 def make_cat_kd(w_s, b_s, w_t, b_t, student_shape, teacher_shape, **overrides):
     from kd.losses.catkd import CATKD
     args = dict(ce_weight=1.0, weight=15.0, resolution=2, normalize=False)
     shapes = {"student": {"classifier_map": tuple(student_shape)}, "teacher": {"classifier_map": tuple(teacher_shape)}}
-    student, teacher = Head(w_s, b_s), Head(w_t, b_t)
+    student, teacher = ClassifierHead(w_s, b_s), ClassifierHead(w_t, b_t)
     loss = CATKD(**{**args, **overrides}, features=FEATURES, feature_shapes=shapes, student_model=student,
                  student_taps=TAPS, teacher_model=teacher, teacher_taps=TAPS)
     return loss, student

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from reference import batch as make_batch, cross_entropy as np_ce, outputs, softmax as np_softmax
+from reference import (batch as make_batch, cross_entropy as np_ce, logit_fixture_inputs, outputs,
+                       softmax as np_softmax)
 
 pytestmark = pytest.mark.usefixtures("float64")
 FIXTURE = Path(__file__).parent / "fixtures" / "nkd_reference.json"
@@ -43,23 +44,6 @@ def test_nkd_against_the_papers_formula(logits_batch, T, gamma):
     assert parts.distillation.item() == pytest.approx(target.mean() + gamma * non_target.mean(), rel=1e-10)
 
 
-def fixture_inputs(recipe):
-    """The seeded inputs the authors' code saw (tests/fixtures/nkd_reference.json, `inputs`)."""
-    g = torch.Generator().manual_seed(recipe["seed"])
-    rows = torch.arange(recipe["batch"])
-    y = torch.randint(recipe["classes"], (recipe["batch"],), generator=g)
-    zt = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
-    zt[rows, y] += recipe["teacher_margin"]
-    zs = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
-    zs[rows, y] += recipe["student_margin"]
-    weights = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64)
-    check = recipe["check"]
-    assert zs.sum().item() == pytest.approx(check["student_sum"], rel=1e-12)
-    assert zt.sum().item() == pytest.approx(check["teacher_sum"], rel=1e-12)
-    assert int(y.sum()) == check["labels_sum"] and y[:8].tolist() == check["first_labels"]
-    return zs, zt, y, weights
-
-
 def assert_gradient(grad, weights, expected, rel=1e-9):
     np.testing.assert_allclose(grad[0].numpy(), expected["first_row"], rtol=rel, atol=1e-15)
     assert grad.abs().sum().item() == pytest.approx(expected["abs_sum"], rel=rel)
@@ -72,7 +56,7 @@ def test_nkd_matches_the_authors_code(case):
     """Fixture: NKDLoss of yzd-v/cls_KD (value and gradient wrt the student's logits) on seeded float64 logits, 64 x
     100; the authors' loss is our distillation part (their CE comes from the classifier head)."""
     reference = json.loads(FIXTURE.read_text())
-    zs, zt, y, weights = fixture_inputs(reference["inputs"])
+    zs, zt, y, weights = logit_fixture_inputs(reference["inputs"])
     expected = reference["cases"][case]
     z = zs.clone().requires_grad_()
     parts = _nkd(gamma=expected["gamma"], temperature=expected["temperature"])(outputs(z), outputs(zt), make_batch(y))

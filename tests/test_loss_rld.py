@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from reference import batch as make_batch, cross_entropy as np_ce, outputs, softmax as np_softmax
+from reference import (batch as make_batch, cross_entropy as np_ce, logit_fixture_inputs, outputs,
+                       softmax as np_softmax)
 
 pytestmark = pytest.mark.usefixtures("float64")
 FIXTURE = Path(__file__).parent / "fixtures" / "rld_reference.json"
@@ -58,29 +59,12 @@ def test_rld_against_the_papers_formula(logits_batch, T, T_a, standardize):
     assert parts.distillation.item() == pytest.approx(2.0 * scd.mean() + 8.0 * mcd.mean(), rel=1e-9)
 
 
-def fixture_inputs(recipe):
-    """The seeded inputs the authors' code saw (tests/fixtures/rld_reference.json, `inputs`)."""
-    g = torch.Generator().manual_seed(recipe["seed"])
-    rows = torch.arange(recipe["batch"])
-    y = torch.randint(recipe["classes"], (recipe["batch"],), generator=g)
-    zt = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
-    zt[rows, y] += recipe["teacher_margin"]
-    zs = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
-    zs[rows, y] += recipe["student_margin"]
-    weights = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64)
-    check = recipe["check"]
-    assert zs.sum().item() == pytest.approx(check["student_sum"], rel=1e-12)
-    assert zt.sum().item() == pytest.approx(check["teacher_sum"], rel=1e-12)
-    assert int(y.sum()) == check["labels_sum"] and y[:8].tolist() == check["first_labels"]
-    return zs, zt, y, weights
-
-
 @pytest.mark.parametrize("case", ["same_t", "cfg_default", "logit_stand"])
 def test_rld_matches_the_authors_code(case):
     """Fixture: rld_loss of zju-SWJ/RLD on seeded float64 logits, 64 x 100, a third of the samples mispredicted by
     the teacher: value, each term, and the gradient wrt the student's logits."""
     reference = json.loads(FIXTURE.read_text())
-    zs, zt, y, weights = fixture_inputs(reference["inputs"])
+    zs, zt, y, weights = logit_fixture_inputs(reference["inputs"])
     assert int((zt.argmax(1) != y).sum()) == reference["teacher_wrong"]
     expected = reference["cases"][case]
     loss = _rld(alpha=expected["alpha"], beta=expected["beta"], temperature=expected["temperature"],

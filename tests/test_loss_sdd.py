@@ -11,13 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from torch import nn
 
 from conftest import TINY, compose_config
 from kd import run
 from kd.losses.batch import Progress
-from reference import (assert_gradient_summary, batch as make_batch, classifier_fixture_inputs, cross_entropy as np_ce,
-                       log_softmax as np_log_softmax, outputs)
+from reference import (ClassifierHead, assert_gradient_summary, batch as make_batch, classifier_fixture_inputs,
+                       cross_entropy as np_ce, log_softmax as np_log_softmax, outputs)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sdd_reference.json"
 TAPS = {"classifier_map": "body", "embed": "fc:input"}
@@ -26,21 +25,11 @@ BASE_ARGS = {"kd": dict(ce_weight=0.1, kd_weight=0.9, temperature=4.0, alpha=Non
              "dkd": dict(ce_weight=1.0, kd_weight=1.0, temperature=4.0, alpha=1.0, beta=8.0, warmup_fraction=20 / 240)}
 
 
-class Head(nn.Module):
-    """What a loss reads of a network here: its classifier `fc`, with given weights."""
-
-    def __init__(self, weight, bias):
-        super().__init__()
-        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.fc.weight.copy_(weight), self.fc.bias.copy_(bias)
-
-
 def make_sdd(base, w_s, b_s, w_t, b_t, student_shape, teacher_shape, **overrides):
     from kd.losses.sdd import ScaleDecoupledKD
     args = {**BASE_ARGS[base], "scales": [1, 2, 4], "complementary_weight": 2.0, **overrides}
     shapes = {"student": {"classifier_map": tuple(student_shape)}, "teacher": {"classifier_map": tuple(teacher_shape)}}
-    student, teacher = Head(w_s, b_s), Head(w_t, b_t)
+    student, teacher = ClassifierHead(w_s, b_s), ClassifierHead(w_t, b_t)
     loss = ScaleDecoupledKD(base=base, **args, features=FEATURES, feature_shapes=shapes, student_model=student,
                             student_taps=TAPS, teacher_model=teacher, teacher_taps=TAPS)
     return loss, student
