@@ -16,7 +16,7 @@ from kd.device import Acceleration, choose_precision, resolve_device
 from kd.evaluation import logits_accuracy, teacher_predictions
 from kd.io import tensors_sha256
 from kd.losses.base import DistillationLoss, loss_factory
-from kd.models import CIFAR_IMAGE_SIZE
+from kd.models import CIFAR_IMAGE_SIZE, build
 from kd.taps import TappedModel, probe_shapes, resolve, tapped
 from kd.validation import ConfigError, validate
 
@@ -45,12 +45,25 @@ def prepare(cfg: DictConfig) -> Prepared:
     teachers.check_checkpoint(cfg.model.teacher)
     try:
         factory = loss_factory(cfg.method.loss)
+        check_student_wrapper(factory.loss_class, cfg.model.student)
         for role in ("student", "teacher"):
             for name in cfg.method.taps:
                 resolve(name, cfg.model[role].taps, cfg.model[role].name)
     except ValueError as err:
         raise ConfigError(f"method={cfg.method.name}: {err}") from None
     return Prepared(device, dtype, acceleration, factory, precision_reason)
+
+
+def check_student_wrapper(loss_class: type, student_cfg: DictConfig) -> None:
+    """A loss that trains a student deployed inside a wrapper (`student_wrapper`: SimKD's reused teacher classifier)
+    gets it, as its method YAML sets it."""
+    needed = getattr(loss_class, "student_wrapper", None)
+    wrapper = student_cfg.get("wrapper")
+    given = None if wrapper is None else get_class(wrapper._target_)
+    if needed is not None and given is not needed:
+        raise ValueError(f"{loss_class.__name__} trains the student deployed as {needed.__module__}.{needed.__name__}: "
+                         f"model.student.wrapper must build one, as the method's YAML sets it (it is "
+                         f"{'null' if given is None else given.__name__})")
 
 
 def load_splits(cfg: DictConfig, device: torch.device, train_subset: int | None) -> Splits:
@@ -68,7 +81,7 @@ def build_networks(cfg: DictConfig, prepared: Prepared, teacher_model: torch.nn.
     taps = list(cfg.method.taps)
     teacher = tapped(cfg.model.teacher, teacher_model, taps, normalize)
     torch.manual_seed(cfg.seed)
-    student = tapped(cfg.model.student, instantiate(cfg.model.student.arch).to(prepared.device), taps, normalize)
+    student = tapped(cfg.model.student, build(cfg.model.student).to(prepared.device), taps, normalize)
     shapes = {"student": probe_shapes(student, prepared.device, image_size),
               "teacher": probe_shapes(teacher, prepared.device, image_size)}
     loss = prepared.loss_factory(feature_shapes=shapes, num_classes=cfg.data.num_classes, num_train=len(train_labels),

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from kd.models import CIFAR_IMAGE_SIZE
+from kd.models import CIFAR_IMAGE_SIZE, Wrapper
 
 INPUT = ":input"
 _STAGE = re.compile(r"stage(-?\d+)(_preact)?")
@@ -125,10 +125,18 @@ class TappedModel(nn.Module):
         self._handles = []
 
 
+def wrapped_spec(model: nn.Module, name: str, spec: str) -> str:
+    """Where feature `name` (at `spec` in the network's own config) is in `model`: a wrapper around the network
+    (kd.models.Wrapper) names the features it defines itself in its `taps` and finds the rest in its `backbone`."""
+    if not isinstance(model, Wrapper):
+        return spec
+    return model.taps.get(name, f"backbone.{spec}")
+
+
 def tapped(model_cfg: DictConfig, model: nn.Module, names: list[str], normalize: bool = True) -> TappedModel:
     """Wrap a model with its own input normalisation (unless the caller normalises) and the taps a method
     asks for, by feature name."""
-    taps = {name: resolve(name, model_cfg.taps, model_cfg.name) for name in names}
+    taps = {name: wrapped_spec(model, name, resolve(name, model_cfg.taps, model_cfg.name)) for name in names}
     norm = model_cfg.normalization
     mean, std = (list(norm.mean), list(norm.std)) if normalize else ([0.0] * 3, [1.0] * 3)
     return TappedModel(model, mean, std, taps)

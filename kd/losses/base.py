@@ -68,6 +68,9 @@ class DistillationLoss(nn.Module):
     """
 
     needs_teacher = True
+    student_wrapper: type | None = None
+    """The class the student must be deployed in (`model.student.wrapper`, kd.models.build) for this loss: SimKD's
+    reused teacher classifier. Checked before any data or teacher work; None: any student."""
     argument_ranges: dict[str, str] = {}
     """Each numeric YAML argument's valid values as an interval, `(0, inf)`, `[0, 1]`, `[1, inf)`: checked (with the
     items of a list argument) before any data or teacher work, so a bad value is named, not met as a non-finite

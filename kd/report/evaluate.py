@@ -22,7 +22,7 @@ from kd.device import resolve_precision
 from kd.evaluation import Predictions, embedded_predictions, kept_predictions, teacher_predictions
 from kd.io import file_sha256, tensors_sha256
 from kd.report.collect import Job
-from kd.models import CIFAR_IMAGE_SIZE
+from kd.models import CIFAR_IMAGE_SIZE, build
 from kd.report.complexity import complexity
 from kd.run_folder import STUDENT, TEST_PREDICTIONS
 
@@ -90,7 +90,7 @@ class Evaluator:
 
     def _predict(self, job: Job, model_cfg: DictConfig, weights: Path, images: torch.Tensor | None = None) -> Predictions:
         """A model's predictions on `images`, by default the job's test split."""
-        model = instantiate(model_cfg.arch)
+        model = build(model_cfg)
         load_weights(model, weights)
         images = self.test_split(job)[0] if images is None else images
         return embedded_predictions(model_cfg, model.to(self.device), images, job.cfg.trainer.eval_batch_size,
@@ -137,9 +137,10 @@ class Evaluator:
     def complexity(self, model_cfg: DictConfig, image_size: tuple[int, int] = CIFAR_IMAGE_SIZE) -> dict:
         """Size and cost of an architecture on images of `image_size` (height, width), measured once per
         architecture config and size."""
-        key = json.dumps([_key(model_cfg.arch), list(image_size)])
+        wrapper = _key(model_cfg.wrapper) if model_cfg.get("wrapper") is not None else None
+        key = json.dumps([_key(model_cfg.arch), wrapper, list(image_size)])
         if key not in self._complexity:
-            model = instantiate(model_cfg.arch).to(self.device)
+            model = build(model_cfg).to(self.device)
             self._complexity[key] = complexity(model, self.latency.batch_size, self.latency.warmup,
                                                self.latency.repeats, self.latency.seconds, tuple(image_size))
         return self._complexity[key]
