@@ -15,6 +15,20 @@ def non_target_log_softmax(logits: torch.Tensor, gt: torch.Tensor, temperature: 
     return F.log_softmax((logits / temperature).masked_fill(gt, float("-inf")), dim=1).masked_fill(gt, 0.0)
 
 
+def target_term(z_s: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """-T_y log S_y of each row: the student's log-probability of the label weighted by the teacher's (T = 1)."""
+    y = labels[:, None]
+    return -(F.softmax(z_t, dim=1).gather(1, y) * F.log_softmax(z_s, dim=1).gather(1, y))[:, 0]
+
+
+def non_target_term(z_s: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """-T^2 sum_{c != y} N(T^T)_c log N(S^T)_c of each row: both distributions at temperature T, renormalised over
+    the classes other than the label."""
+    gt = label_mask(z_s, labels)
+    soft = F.softmax((z_t / temperature).masked_fill(gt, float("-inf")), dim=1)
+    return -temperature**2 * (soft * non_target_log_softmax(z_s, gt, temperature)).sum(1)
+
+
 class NKD(DistillationLoss):
     """NKD, normalized KD: Yang, Zeng, Li, Zhang, Yuan & Li, "From Knowledge Distillation to Self-Knowledge
     Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels", ICCV 2023 (arXiv:2303.13005).
@@ -36,11 +50,7 @@ class NKD(DistillationLoss):
     def forward(self, student, teacher, batch):
         z_s, z_t, labels = student.logits, teacher.logits, batch.labels
         ce = F.cross_entropy(z_s, labels)
-        y = labels[:, None]
-        target = -(F.softmax(z_t, dim=1).gather(1, y) * F.log_softmax(z_s, dim=1).gather(1, y)).mean()
-        gt = label_mask(z_s, labels)
-        soft = F.softmax((z_t / self.temperature).masked_fill(gt, float("-inf")), dim=1)
-        log_student = non_target_log_softmax(z_s, gt, self.temperature)
-        non_target = -self.temperature**2 * (soft * log_student).sum(1).mean()
+        target = target_term(z_s, z_t, labels).mean()
+        non_target = non_target_term(z_s, z_t, labels, self.temperature).mean()
         return LossParts(self.ce_weight * ce, target + self.gamma * non_target,
                          {"ce": ce, "target": target, "non_target": non_target})
