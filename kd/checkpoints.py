@@ -35,8 +35,7 @@ def load_weights(model: nn.Module, path: str | Path, assign: bool = False) -> No
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                         for k, v in expected.items()
-                         if k in state and torch.is_tensor(v) and state[k].shape != v.shape)  # not a module's extra state
+                         for k, v in expected.items() if k in state and state[k].shape != v.shape)
     if missing or unexpected or wrong_shape:
         def brief(keys):
             return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "") or "none"

@@ -45,7 +45,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     teachers.check_checkpoint(cfg.model.teacher)
     try:
         factory = loss_factory(cfg.method.loss)
-        check_student_wrapper(factory.loss_class, cfg.model.student)
+        check_student_wrapper(factory.loss_class, cfg)
         for role in ("student", "teacher"):
             for name in cfg.method.taps:
                 resolve(name, cfg.model[role].taps, cfg.model[role].name)
@@ -54,16 +54,21 @@ def prepare(cfg: DictConfig) -> Prepared:
     return Prepared(device, dtype, acceleration, factory, precision_reason)
 
 
-def check_student_wrapper(loss_class: type, student_cfg: DictConfig) -> None:
+def check_student_wrapper(loss_class: type, cfg: DictConfig) -> None:
     """A loss that trains a student deployed inside a wrapper (`student_wrapper`: SimKD's reused teacher classifier)
-    gets it, as its method YAML sets it."""
+    gets it, as its method YAML sets it, and no teacher assistant (whose distillation trains a plain network)."""
     needed = getattr(loss_class, "student_wrapper", None)
-    wrapper = student_cfg.get("wrapper")
+    if needed is None:
+        return
+    wrapper = cfg.model.student.get("wrapper")
     given = None if wrapper is None else get_class(wrapper._target_)
-    if needed is not None and given is not needed:
+    if given is not needed:
         raise ValueError(f"{loss_class.__name__} trains the student deployed as {needed.__module__}.{needed.__name__}: "
                          f"model.student.wrapper must build one, as the method's YAML sets it (it is "
                          f"{'null' if given is None else given.__name__})")
+    if cfg.method.get("assistant") is not None:
+        raise ValueError(f"{loss_class.__name__} cannot train through a teacher assistant (method.assistant): the "
+                         "assistant would be distilled without the wrapper; set method.assistant=null")
 
 
 def load_splits(cfg: DictConfig, device: torch.device, train_subset: int | None) -> Splits:
@@ -81,7 +86,7 @@ def build_networks(cfg: DictConfig, prepared: Prepared, teacher_model: torch.nn.
     taps = list(cfg.method.taps)
     teacher = tapped(cfg.model.teacher, teacher_model, taps, normalize)
     torch.manual_seed(cfg.seed)
-    student = tapped(cfg.model.student, build(cfg.model.student).to(prepared.device), taps, normalize)
+    student = tapped(cfg.model.student, build(cfg.model.student, image_size).to(prepared.device), taps, normalize)
     shapes = {"student": probe_shapes(student, prepared.device, image_size),
               "teacher": probe_shapes(teacher, prepared.device, image_size)}
     loss = prepared.loss_factory(feature_shapes=shapes, num_classes=cfg.data.num_classes, num_train=len(train_labels),

@@ -18,9 +18,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from kd.models import CIFAR_IMAGE_SIZE, Wrapper
+from kd.models import CIFAR_IMAGE_SIZE, INPUT, Wrapper, module_path
 
-INPUT = ":input"
 _STAGE = re.compile(r"stage(-?\d+)(_preact)?")
 
 
@@ -37,11 +36,6 @@ class Outputs:
 
     def float(self) -> "Outputs":
         return Outputs(self.logits.float(), {k: v.float() for k, v in self.features.items()})
-
-
-def module_path(spec: str) -> str:
-    """The module a tap spec hooks (`layer3.2.relu:input` -> `layer3.2.relu`)."""
-    return spec.removesuffix(INPUT)
 
 
 def resolve(name: str, taps: Mapping[str, str], model_name: str) -> str:

@@ -51,10 +51,12 @@ def fixture_case(inputs):
     assert labels.tolist() == check["labels"]
 
     backbone = nn.Sequential(OrderedDict(feat=nn.Identity(), fc=nn.Linear(3, classes)))
-    teacher_arch = OmegaConf.create({"_target_": "torch.nn.Linear", "in_features": teacher_shape[0],
-                                     "out_features": classes})
-    student = ReusedTeacherClassifier(backbone, "feat", teacher_arch, "", inputs["factor"])
-    student.projector = projector(student_shape[0], teacher_shape[0], inputs["factor"])
+    teacher_arch = OmegaConf.create({"_target_": "test_loss_simkd.MapTeacher", "channels": teacher_shape[0],
+                                     "size": teacher_shape[1], "classes": classes})
+    student = ReusedTeacherClassifier(backbone, "feat", teacher_arch, "feat", "linear:input", inputs["factor"],
+                                      image_size=student_shape[1:])
+    assert isinstance(student.backbone.fc, nn.Identity)  # never reached: removed
+    student.projector = projector(student_shape[0], teacher_shape[0], inputs["factor"])  # the backbone passes 3
     student.double()
     gw = torch.Generator().manual_seed(inputs["weight_seed"])
     parameters = dict(student.projector.named_parameters())
@@ -64,11 +66,23 @@ def fixture_case(inputs):
         for p in parameters.values():  # the recipe's order: the authors' `transfer` has the same layers
             p.copy_(torch.randn(p.shape, generator=gw, dtype=torch.float64) * inputs["weight_scale"]
                     + (1.0 if id(p) in scales else 0.0))
-    teacher = nn.Linear(teacher_shape[0], classes).double()
+    teacher = MapTeacher(teacher_shape[0], teacher_shape[1], classes).double()
     with torch.no_grad():
-        teacher.weight.copy_(w_t)
-        teacher.bias.copy_(b_t)
+        teacher.linear.weight.copy_(w_t)
+        teacher.linear.bias.copy_(b_t)
     return f_s, f_t, labels, student, teacher
+
+
+class MapTeacher(nn.Module):
+    """A teacher whose last feature map is `channels` x `size` x `size` and whose classifier is `linear`."""
+
+    def __init__(self, channels: int, size: int, classes: int):
+        super().__init__()
+        self.conv, self.feat, self.linear = nn.Conv2d(3, channels, 1), nn.AdaptiveAvgPool2d(size), nn.Linear(channels,
+                                                                                                             classes)
+
+    def forward(self, images):
+        return self.linear(self.feat(self.conv(images)).mean((2, 3)))
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURE["cases"]))
@@ -76,11 +90,11 @@ def test_the_deployed_student_and_the_loss_match_the_authors_code(name):
     case = FIXTURE["cases"][name]
     inputs = case["inputs"]
     f_s, f_t, labels, student, teacher = fixture_case(inputs)
-    shapes = {"student": {"feat": (inputs["teacher_shape"][0], *inputs["student_shape"][1:])},
-              "teacher": {"feat": tuple(inputs["teacher_shape"])}}
-    loss = SimKD(weight=1.0, ce_weight=0.0, feature="feat", feature_shapes=shapes, student_model=student,
-                 teacher_model=teacher)
-    assert torch.equal(student.classifier.weight, teacher.weight) and not student.classifier.weight.requires_grad
+    student_larger = inputs["student_shape"][1] > inputs["teacher_shape"][1]
+    assert student.source_size == (tuple(inputs["teacher_shape"][1:]) if student_larger else None)
+    loss = SimKD(weight=1.0, ce_weight=0.0, student_model=student, teacher_model=teacher)
+    assert torch.equal(student.classifier.weight, teacher.linear.weight)
+    assert not student.classifier.weight.requires_grad
     channels = inputs["student_shape"][0]
     net = TappedModel(student, [0.0] * channels, [1.0] * channels, {"feat": "projector"})
     images = f_s.clone().requires_grad_()
@@ -110,7 +124,28 @@ def test_the_deployed_student_drops_the_layers_after_its_feature_map():
     assert backbone_params == sum(p.numel() for name, p in plain.named_parameters()
                                   if not name.startswith(("conv2.", "classifier.")))
     assert student.classifier.in_features == 256 and student.classifier.out_features == 100  # ResNet-32x4's
+    assert student.projector[0].in_channels == 160  # MobileNetV2's last stage (blocks.6), measured by the probe
+    assert student.source_size is None  # 2x2 against the teacher's 8x8: the teacher's map is pooled, in the loss
     assert student(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+
+
+@pytest.mark.parametrize("image_size,pooled_to", [((32, 32), (4, 4)), ((64, 48), (8, 6))])
+def test_a_larger_student_map_is_pooled_to_the_teachers_in_the_network_as_built(image_size, pooled_to):
+    """ResNet-8's map is 8x8 and ResNet-18's 4x4 on CIFAR images; the pooling is part of the network built from the
+    config, so the report's FLOPs and a reloaded student.pt are the trained network's."""
+    cfg = compose_config(["method=simkd", "model@model.teacher=resnet18", "model@model.student=resnet8"])
+    student = build(cfg.model.student, image_size)
+    assert student.source_size == pooled_to
+    features = {}
+    student.projector.register_forward_hook(lambda _m, _i, out: features.update(projected=out))
+    student(torch.zeros(2, 3, *image_size))
+    assert features["projected"].shape == (2, 512, *pooled_to)
+
+
+def test_simkd_through_a_teacher_assistant_is_refused_before_any_work():
+    cfg = compose_config([*TINY, "method=simkd", "+method.assistant={model: resnet20, epochs: 1}"])
+    with pytest.raises(ConfigError, match=r"cannot train through a teacher assistant \(method.assistant\)"):
+        prepare(cfg)
 
 
 def test_simkd_without_its_wrapper_is_refused_before_any_work():

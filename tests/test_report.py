@@ -19,7 +19,7 @@ from kd.io import load_checked, save_checked
 from kd.models import ResNet18, SmallNet, resnet20
 from kd.report.collect import NoRuns, collect
 from kd.report.complexity import MIN_TIMED, complexity, latency_ms
-from kd.report.markdown import table
+from kd.report.markdown import model_comparison, table
 from kd.report.metrics import (Outputs, calibration_bins, computed_metrics, confusion, expected_calibration_error,
                                linear_cka, per_class_accuracy, reliability_bins)
 from kd.report.plots import bar_order, is_grid, reliability_figure, varying_params
@@ -800,3 +800,22 @@ def test_a_wandb_failure_is_written_into_the_report(sweeps, tmp_path, monkeypatc
         "- W&B logging of the report failed: ConnectionError: api.wandb.ai is unreachable",
         "- the W&B report was not built: ConnectionError: api.wandb.ai is unreachable"]
     assert written.wandb_dir is None and written.wandb_report.spec is None
+
+
+def test_a_student_deployed_in_a_wrapper_is_a_row_of_its_own_in_the_model_table():
+    """SimKD's student (projector + the teacher's classifier) is another network than the plain student of the same
+    architecture: the table shows both, not whichever job came first."""
+    cost = {"trainable_params": 1, "layers": 6, "macs": 2, "flops": 4, "latency_ms": 1.0, "params_ratio": 6.0,
+            "macs_ratio": 4.0, "latency_ratio": 4.0}
+    summary = pd.DataFrame([
+        {"role": "teacher", "label": "teacher resnet56", "arch": "resnet56", "wrapper": None, "teacher": None,
+         "params": 853_000, **cost},
+        {"role": "student", "label": "ce", "arch": "smallnet", "wrapper": None, "teacher": "teacher resnet56",
+         "params": 141_354, **cost},
+        {"role": "student", "label": "simkd", "arch": "smallnet", "wrapper": "ReusedTeacherClassifier",
+         "teacher": "teacher resnet56", "params": 156_330, **cost},
+        {"role": "student", "label": "kd", "arch": "smallnet", "wrapper": None, "teacher": "teacher resnet56",
+         "params": 141_354, **cost}])
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in model_comparison(summary).splitlines()[2:]}
+    assert rows == {"teacher resnet56": "0.8530", "student smallnet": "0.1414",
+                    "student smallnet in ReusedTeacherClassifier": "0.1563"}

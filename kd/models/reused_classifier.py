@@ -1,24 +1,41 @@
 """A student deployed with its teacher's classifier (SimKD): the network a run trains, evaluates and saves."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from kd.models import Wrapper
-
-INPUT = ":input"
-PROBE_SIZE = (32, 32)  # the blank image that finds the layers after the feature map; any size they all accept
+from kd.models import INPUT, Wrapper, module_path
 
 
 class _Reached(Exception):
-    """Raised by the hook on the last feature map: the backbone's remaining layers are not part of this network."""
+    """Raised at the tapped module: the layers after it are not part of the computation."""
 
     def __init__(self, feature: torch.Tensor):
         super().__init__()
         self.feature = feature
+
+
+def run_to(model: nn.Module, spec: str, images: torch.Tensor) -> torch.Tensor:
+    """`model`'s feature map at tap `spec` (a module path, `:input` for what the module receives) for `images`; the
+    layers after it do not run. The stopping hook is registered for this call only, so it runs after every other
+    hook on that module (a feature tap's)."""
+    module = model.get_submodule(module_path(spec))
+
+    def stop(_module, inputs, output=None):
+        raise _Reached(inputs[0] if spec.endswith(INPUT) else output)
+    handle = module.register_forward_pre_hook(stop) if spec.endswith(INPUT) else module.register_forward_hook(stop)
+    try:
+        model(images)
+    except _Reached as reached:
+        return reached.feature
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{type(model).__name__}'s forward never reached its feature map {spec!r}")
 
 
 def projector(in_channels: int, out_channels: int, factor: int) -> nn.Sequential:
@@ -31,103 +48,79 @@ def projector(in_channels: int, out_channels: int, factor: int) -> nn.Sequential
                          nn.ReLU(inplace=True))
 
 
+def last_linear(module: nn.Module, path: str) -> nn.Linear:
+    """The classifier at `path`: that module, or the last linear layer inside it (MobileNetV2's is a Sequential)."""
+    linears = [m for m in module.get_submodule(path).modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"teacher_classifier={path!r} holds no linear layer: it must name the teacher's classifier, "
+                         "the module its `embed` tap reads the input of")
+    return linears[-1]
+
+
 class ReusedTeacherClassifier(Wrapper):
     """Chen et al., "Knowledge Distillation with the Reused Teacher Classifier" (SimKD), CVPR 2022: the student
-    network up to its last feature map (`feature`, a module path of `backbone`), average-pooled to the teacher's map
-    size where it is larger, a trainable projector to the teacher's width, global average pooling, and the teacher's
-    classifier, frozen.
+    network up to its last feature map (tap `feature` of `backbone`), average-pooled to the teacher's map size where it
+    is larger, a trainable projector to the teacher's width, global average pooling, and the teacher's classifier,
+    frozen.
 
-    The classifier's shape is read from `teacher_arch` (built on the meta device: no weights, no cost) at the module
-    path `teacher_classifier`; its weights are the teacher's, copied in by `reuse` when distillation starts and saved
-    with the student from then on. The backbone's layers after `feature` never run and its parameterised ones are
-    removed (its own classifier; MobileNetV2's last 1x1 convolution), so parameter and FLOP counts are the deployed
-    network's. Feature taps keep their meaning: `feat` is the projector's output (the map the classifier pools),
-    `embed` the classifier's input; every other tap is the backbone's own.
+    Both networks' map sizes for images of `image_size` and the classifier's shape are measured when it is built: the
+    student's with a blank image, the teacher's (`teacher_arch`, taps `teacher_feature` and `teacher_classifier`) on
+    the meta device, without weights or cost. So a network built from the config is the trained one, before any
+    weights are loaded. The classifier's weights are the teacher's, copied in by `reuse` when distillation starts and
+    saved with the student from then on. The backbone's parameterised layers that do not run before the feature map
+    are removed (its own classifier; MobileNetV2's last 1x1 convolution), so parameter and FLOP counts are the
+    deployed network's. Taps: `feat` is the projector's output (the map the classifier pools), `embed` the
+    classifier's input; every other feature is the backbone's own.
     """
 
     taps = {"feat": "projector", "embed": f"classifier{INPUT}"}
 
-    def __init__(self, backbone: nn.Module, feature: str, teacher_arch: DictConfig, teacher_classifier: str,
-                 factor: int):
+    def __init__(self, backbone: nn.Module, feature: str, teacher_arch: DictConfig, teacher_feature: str,
+                 teacher_classifier: str, factor: int, image_size: Sequence[int]):
         super().__init__()
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
             raise ValueError(f"factor={factor!r} is invalid: the projector's bottleneck divides the teacher's width by "
                              "a whole number >= 1 (SimKD: 2)")
-        self.backbone, self.feature = backbone, feature.removesuffix(INPUT)
-        self.teacher_classifier = teacher_classifier.removesuffix(INPUT)
-        self.feature_input = feature.endswith(INPUT)
-        channels = self._remove_layers_after_feature()
+        self.backbone, self.feature = backbone, feature
+        self.teacher_classifier = module_path(teacher_classifier)
+        channels, *student_size = self._remove_layers_after_feature(image_size)
         with torch.device("meta"):
-            classifier = instantiate(teacher_arch).get_submodule(self.teacher_classifier)
-        if not isinstance(classifier, nn.Linear):
-            raise ValueError(f"teacher_classifier={teacher_classifier!r} names a {type(classifier).__name__}, not the "
-                             "teacher's linear classifier (the module its `embed` tap reads the input of)")
+            teacher = instantiate(teacher_arch)
+            teacher_size = run_to(teacher.eval(), teacher_feature, torch.empty(1, 3, *image_size)).shape[2:]
+        classifier = last_linear(teacher, self.teacher_classifier)
+        # the authors compare the maps' heights (models/util.py SimKD.forward)
+        self.source_size = tuple(teacher_size) if student_size[0] > teacher_size[0] else None
         self.projector = projector(channels, classifier.in_features, factor)
         self.classifier = nn.Linear(classifier.in_features, classifier.out_features)
         self.classifier.requires_grad_(False)
-        self.source_size: tuple[int, int] | None = None
-
-    def _stop_at_feature(self):
-        module = self.backbone.get_submodule(self.feature)
-
-        def stop(_module, inputs, output=None):
-            raise _Reached(inputs[0] if self.feature_input else output)
-        # registered at each call, so it runs after every other hook on the module (a feature tap's)
-        if self.feature_input:
-            return module.register_forward_pre_hook(stop)
-        return module.register_forward_hook(stop)
-
-    def _feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        handle = self._stop_at_feature()
-        try:
-            self.backbone(images)
-        except _Reached as reached:
-            return reached.feature
-        finally:
-            handle.remove()
-        raise RuntimeError(f"the backbone's forward never reached its feature map {self.feature!r}")
 
     @torch.no_grad()
-    def _remove_layers_after_feature(self) -> int:
-        """Replace the backbone's parameterised layers that run after the feature map with nothing, found by running
-        a blank image; the feature map's channels."""
+    def _remove_layers_after_feature(self, image_size: Sequence[int]) -> tuple[int, ...]:
+        """Replace the backbone's parameterised layers that do not run before the feature map with nothing, found by
+        running a blank image; the feature map's (channels, height, width)."""
         ran: set[str] = set()
         hooks = [m.register_forward_pre_hook(lambda module, _inputs, name=name: ran.add(name))
                  for name, m in self.backbone.named_modules()]
         was_training = self.backbone.training
-        self.backbone.eval()
         device = next(self.backbone.parameters()).device
         try:
-            channels = self._feature_map(torch.zeros(1, 3, *PROBE_SIZE, device=device)).shape[1]
+            shape = run_to(self.backbone.eval(), self.feature, torch.zeros(1, 3, *image_size, device=device)).shape
         finally:
             for hook in hooks:
                 hook.remove()
             self.backbone.train(was_training)
-        unused = [name for name, m in self.backbone.named_modules()
-                  if name not in ran and not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
-        for name in unused:
-            self.backbone.set_submodule(name, nn.Identity())
-        return channels
+        for name, m in list(self.backbone.named_modules()):
+            if name not in ran and not list(m.children()) and any(True for _ in m.parameters(recurse=False)):
+                self.backbone.set_submodule(name, nn.Identity())
+        return tuple(shape[1:])
 
     def reuse(self, teacher: nn.Module) -> None:
         """Copy the teacher's classifier in (frozen)."""
-        self.classifier.load_state_dict(teacher.get_submodule(self.teacher_classifier).state_dict())
+        self.classifier.load_state_dict(last_linear(teacher, self.teacher_classifier).state_dict())
         self.classifier.requires_grad_(False)
 
-    def align_to(self, size: tuple[int, int] | None) -> None:
-        """Average-pool the student's map to `size` (height, width) before the projector: the teacher's map size, where
-        the student's is larger (SimKD's spatial alignment, part of the deployed network); None: never."""
-        self.source_size = None if size is None else (int(size[0]), int(size[1]))
-
-    def get_extra_state(self):
-        return {"source_size": self.source_size}
-
-    def set_extra_state(self, state) -> None:
-        self.align_to(state["source_size"])
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feature = self._feature_map(images)
+        feature = run_to(self.backbone, self.feature, images)
         if self.source_size is not None:
             feature = F.adaptive_avg_pool2d(feature, self.source_size)
-        projected = self.projector(feature)
-        return self.classifier(projected.mean((2, 3)))
+        return self.classifier(self.projector(feature).mean((2, 3)))

@@ -90,9 +90,9 @@ class Evaluator:
 
     def _predict(self, job: Job, model_cfg: DictConfig, weights: Path, images: torch.Tensor | None = None) -> Predictions:
         """A model's predictions on `images`, by default the job's test split."""
-        model = build(model_cfg)
-        load_weights(model, weights)
         images = self.test_split(job)[0] if images is None else images
+        model = build(model_cfg, images.shape[-2:])
+        load_weights(model, weights)
         return embedded_predictions(model_cfg, model.to(self.device), images, job.cfg.trainer.eval_batch_size,
                                     resolve_precision(job.cfg.trainer.precision, self.device))
 
@@ -140,7 +140,7 @@ class Evaluator:
         wrapper = _key(model_cfg.wrapper) if model_cfg.get("wrapper") is not None else None
         key = json.dumps([_key(model_cfg.arch), wrapper, list(image_size)])
         if key not in self._complexity:
-            model = build(model_cfg).to(self.device)
+            model = build(model_cfg, image_size).to(self.device)
             self._complexity[key] = complexity(model, self.latency.batch_size, self.latency.warmup,
                                                self.latency.repeats, self.latency.seconds, tuple(image_size))
         return self._complexity[key]

@@ -64,8 +64,10 @@ def _millions(df: pd.DataFrame) -> pd.DataFrame:
 def model_comparison(summary: pd.DataFrame) -> str:
     """Teachers and each student architecture: size, cost, and the teacher / student ratios."""
     teachers = summary[summary.role == "teacher"]
-    pupils = students(summary).drop_duplicates(["arch", "teacher"])
-    pupils = pupils.assign(label="student " + pupils.arch + (" / " + pupils.teacher if len(teachers) > 1 else ""))
+    pupils = students(summary).drop_duplicates(["arch", "wrapper", "teacher"])
+    deployed = pupils.wrapper.fillna("").map(lambda wrapper: f" in {wrapper}" if wrapper else "")
+    pupils = pupils.assign(label="student " + pupils.arch + deployed
+                           + (" / " + pupils.teacher if len(teachers) > 1 else ""))
     models = _millions(pd.concat([teachers, pupils])).rename(columns={"label": "model"})
     return table(models, ["model", "params_M", "trainable_params_M", "layers", "macs_M", "flops_M", "latency_ms",
                           "params_ratio", "macs_ratio", "latency_ratio"])

@@ -51,11 +51,18 @@ def teacher_row(teacher: Teacher, name: str, job: Job, evaluator: Evaluator) -> 
     return row
 
 
+def wrapper_name(model_cfg) -> str:
+    """The class a student is deployed in (`model.student.wrapper`: SimKD's reused teacher classifier), or ""."""
+    wrapper = model_cfg.get("wrapper")
+    return "" if wrapper is None else str(wrapper._target_).rsplit(".", 1)[-1]
+
+
 def student_row(job: Job, teacher_name: str) -> dict:
     results = job.results or {}
     return {"role": "student", "sweep": str(job.sweep), "job": job.folder.name, "method": job.method,
             "method_name": str(job.cfg.method.display_name), "label": job.label, "seed": job.seed,
             "status": job.status, "reason": job.reason, "arch": str(job.cfg.model.student.name),
+            "wrapper": wrapper_name(job.cfg.model.student),
             "teacher": teacher_name, "data": str(job.cfg.data.name), "kd_epochs": int(job.cfg.kd_epochs),
             "best_epoch": results.get("best_epoch"), **recorded_metrics(results)}
 

@@ -7,8 +7,8 @@ import pandas as pd
 from kd.report.collect import OK, Job
 from kd.report.metrics import metric_names, primary_metric, ranked_metrics
 
-IDENTITY = ["role", "sweep", "job", "method", "method_name", "label", "seed", "status", "reason", "arch", "teacher",
-            "data", "kd_epochs"]
+IDENTITY = ["role", "sweep", "job", "method", "method_name", "label", "seed", "status", "reason", "arch", "wrapper",
+            "teacher", "data", "kd_epochs"]
 COMPLEXITY = ["params", "trainable_params", "layers", "macs", "flops", "latency_ms", "params_ratio", "macs_ratio",
               "latency_ratio"]
 COUNTS = ["seed", "kd_epochs", "params", "trainable_params", "layers", "macs", "flops", "best_epoch"]
