@@ -1,5 +1,5 @@
-"""Imports run one way: datasets -> data -> models -> taps -> losses -> trainer -> run. The report reads run folders and
-imports neither the trainer nor the teacher-training code; nothing below the run imports it."""
+"""Imports run one way: datasets -> augment -> data -> models -> taps -> losses -> trainer -> run. The report reads run
+folders and imports neither the trainer nor the teacher-training code; nothing below the run imports it."""
 import ast
 import subprocess
 import sys
@@ -10,7 +10,8 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "kd"
 # Each layer, and the layers above it that it must never import.
-ORDER = ["kd.datasets", "kd.data", "kd.models", "kd.taps", "kd.losses", "kd.trainer", "kd.setup", "kd.run"]
+ORDER = ["kd.datasets", "kd.augment", "kd.data", "kd.models", "kd.taps", "kd.losses", "kd.trainer", "kd.setup",
+         "kd.run"]
 
 
 def module_name(path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import TINY, compose_config, run_train
 from reference import cross_entropy as np_ce, evaluate, log_softmax as np_log_softmax, outputs, softmax as np_softmax
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -243,3 +243,161 @@ def test_entropy_aware_weights_each_samples_instance_terms(logits_batch, masking
     assert terms["batch"].item() == pytest.approx(batch, rel=1e-10)
     assert terms["class"].item() == pytest.approx(klass, rel=1e-10)
     assert terms["entropy_weight"].item() == pytest.approx(w.mean(), rel=1e-12)
+
+
+# ---------------------------------------------------------------- the strong view (the released total)
+
+class StandIn(torch.nn.Module):
+    """A network that returns the given logits, whatever it is shown, and records what it saw and whether gradients
+    were on: the strong view's logits of the reference fixture, fed through MLKD's own forward."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.seen, self.grad_enabled = logits, [], []
+
+    def forward(self, images):
+        self.seen.append(images)
+        self.grad_enabled.append(torch.is_grad_enabled())
+        return self.logits
+
+
+def strong_inputs(recipe):
+    g = torch.Generator().manual_seed(recipe["seed"])
+    zs = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
+    zt = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
+    assert zs.sum().item() == pytest.approx(recipe["check"]["student_sum"], rel=1e-12)
+    assert zt.sum().item() == pytest.approx(recipe["check"]["teacher_sum"], rel=1e-12)
+    return zs, zt
+
+
+def images_on_the_8_bit_grid(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 8, 8), generator=g).double() / 255
+
+
+def configured_mlkd(method, student, teacher, **changes):
+    """The loss as the method's YAML builds it (every argument from the composed config), with the given networks."""
+    from omegaconf import OmegaConf
+
+    from kd.losses.mlkd import MLKD
+    arguments = OmegaConf.to_container(compose_config([f"method={method}"]).method.loss, resolve=True)
+    arguments = {k: v for k, v in arguments.items() if not k.startswith("_")}
+    return MLKD(**{**arguments, **changes}, student_model=student, teacher_model=teacher)
+
+
+EA_KD_BOUND = float(torch.tensor(100.0, dtype=torch.float32).log())
+"""EA-KD's KD_ours.py: H_ub = torch.log(torch.tensor(100.0, dtype=torch.float32)), log 100 whatever C (here 10)."""
+CASES = {"mlkd": ("mlkd", {}, 1e-12), "mlkd_ls": ("mlkd_ls", {}, 1e-12),
+         # EA-KD's entropies read log(p + 1e-10) where the project's are exact: 7e-10 apart on these logits
+         "ea_mlkd": ("mlkd", {"entropy_aware": True, "entropy_bound": EA_KD_BOUND}, 1e-8)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_released_total_with_both_views_matches_the_authors_forward_train(case):
+    """Fixture "both_views": the authors' forward_train (KD_ours.py; LS's MLKD.py; EA-KD's KD_ours.py with EA 1) run
+    outside the project on seeded weak- and strong-view logits; here the method's own config, its strong view's
+    networks replaced by stand-ins returning the fixture's strong logits: the total, each of losses_dict's entries,
+    and the gradient wrt the student's logits of each view."""
+    reference = json.loads(FIXTURE.read_text())
+    both = reference["both_views"]
+    expected = both["cases"][case]
+    method, changes, rel = CASES[case]
+    zs, zt, y = fixture_inputs(reference["inputs"])
+    zs_strong, zt_strong = strong_inputs(both["strong_inputs"])
+    zs, zs_strong = zs.clone().requires_grad_(), zs_strong.clone().requires_grad_()
+    loss = configured_mlkd(method, StandIn(zs_strong), StandIn(zt_strong), **changes)
+    parts = evaluate_parts(loss, zs, zt, y)
+    parts.total.backward()
+    terms, kd_weight = parts.terms, loss.kd_weight
+    losses = expected["losses"]
+    assert parts.total.item() == pytest.approx(expected["value"], rel=rel)
+    assert parts.task.item() == pytest.approx(losses["loss_ce"], rel=1e-12)
+    instance = terms["instance"] + terms["instance_unmasked"] + terms["instance_strong"]
+    assert kd_weight * instance.item() == pytest.approx(losses["loss_kd"], rel=rel)
+    assert kd_weight * terms["class"].item() == pytest.approx(losses["loss_cc"], rel=1e-12)
+    assert kd_weight * terms["batch"].item() == pytest.approx(losses["loss_bc"], rel=1e-12)
+    atol = 1e-14 if rel == 1e-12 else 1e-8
+    np.testing.assert_allclose(zs.grad.flatten().numpy(), expected["gradient_wrt_student_weak_logits"], rtol=1e-10,
+                               atol=atol)
+    np.testing.assert_allclose(zs_strong.grad.flatten().numpy(), expected["gradient_wrt_student_strong_logits"],
+                               rtol=1e-10, atol=atol)
+
+
+def evaluate_parts(loss, zs, zt, y):
+    from kd.losses.batch import Batch
+    return loss(outputs(zs), outputs(zt), Batch(images_on_the_8_bit_grid(len(y)), y, torch.arange(len(y))))
+
+
+def test_without_the_strong_view_the_released_total_loses_its_strong_terms():
+    """The fixture's total less the strong view's (its CE and instance KD): what strong_view false gives, the unmasked
+    weak-view terms at T = 2 and 6 staying; and without those too, the weak-view form of the first fixture."""
+    reference = json.loads(FIXTURE.read_text())
+    zs, zt, y = fixture_inputs(reference["inputs"])
+    zs_strong, zt_strong = strong_inputs(reference["both_views"]["strong_inputs"])
+    both = configured_mlkd("mlkd", StandIn(zs_strong), StandIn(zt_strong))
+    weak = configured_mlkd("mlkd", None, None, strong_view=False)
+    full, partial = evaluate_parts(both, zs, zt, y), evaluate_parts(weak, zs, zt, y)
+    strong_part = 0.1 * full.terms["ce_strong"] + 0.9 * full.terms["instance_strong"]
+    assert partial.total.item() == pytest.approx((full.total - strong_part).item(), rel=1e-12)
+    assert "instance_strong" not in partial.terms and "ce_strong" not in partial.terms
+    alone = evaluate_parts(configured_mlkd("mlkd", None, None, strong_view=False, weak_unmasked_temperatures=[]), zs,
+                           zt, y)
+    assert alone.total.item() == pytest.approx(reference["value"], rel=1e-12)
+
+
+def test_the_strong_view_is_one_augmented_view_each_network_reads_with_its_own_normalisation():
+    zs, zt = torch.randn(8, 10), torch.randn(8, 10)
+    student, teacher = StandIn(torch.randn(8, 10, requires_grad=True)), StandIn(torch.randn(8, 10))
+    loss = configured_mlkd("mlkd", student, teacher, student_normalization={"mean": [0.1, 0.2, 0.3], "std": [1, 2, 3]},
+                           teacher_normalization={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
+    from kd.losses.batch import Batch
+    images = images_on_the_8_bit_grid(8)
+    parts = loss(outputs(zs), outputs(zt), Batch(images, torch.arange(8) % 10, torch.arange(8)))
+    (seen_s,), (seen_t,) = student.seen, teacher.seen
+    view_s = seen_s * torch.tensor([1.0, 2, 3]).view(1, 3, 1, 1) + torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
+    view_t = seen_t * 0.25 + 0.5
+    torch.testing.assert_close(view_s, view_t)  # one strong view, shown to both
+    assert torch.allclose(view_s * 255, (view_s * 255).round(), atol=1e-6) and 0 <= view_s.min() and view_s.max() <= 1
+    assert not torch.allclose(view_s, images) and not torch.allclose(view_s, images.flip(-1))  # augmented
+    assert student.grad_enabled == [True] and teacher.grad_enabled == [False]  # the teacher without gradients
+    assert {"instance_strong", "ce_strong", "instance_unmasked"} <= set(parts.terms)
+
+
+def test_the_strong_view_needs_its_settings_and_networks():
+    from kd.losses.mlkd import MLKD
+    base = dict(temperatures=TEMPERATURES, mask_percentile=50.0, masking="released", ce_weight=0.1, kd_weight=0.9,
+                standardize=False, strong_view=True, strong_temperatures=[4.0], randaugment_ops=2, cutout=0.5)
+    norm = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    with pytest.raises(ValueError, match=r"strong_view needs method.loss.\['student_normalization', 'teacher_norm"):
+        MLKD(**base, student_model=StandIn(None), teacher_model=StandIn(None))
+    with pytest.raises(ValueError, match="needs student_model and teacher_model"):
+        MLKD(**base, student_normalization=norm, teacher_normalization=norm)
+
+
+def test_the_networks_are_not_parts_of_the_loss():
+    """Never submodules: the student's parameters stay the student's (not optimised twice, not saved with the loss),
+    and the loss's train()/eval() leaves the teacher in eval mode."""
+    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).eval()
+    loss = configured_mlkd("mlkd", student, teacher)
+    assert list(loss.parameters()) == [] and list(loss.state_dict()) == []
+    loss.train()
+    assert not teacher.training
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [42])
+def test_an_mlkd_run_with_the_strong_view_learns(tmp_path, seed):
+    """The method's own config (strong view on), a ResNet-8 student and a SmallNet teacher trained for 3 epochs (1
+    leaves its BatchNorm statistics unsettled): the student learns, also to follow the teacher on the strong views.
+    (A SmallNet student learns little in 3 epochs under MLKD's five temperatures, with or without the strong view.)"""
+    run_dir = tmp_path / "run"
+    proc = run_train([*TINY, "method=mlkd", "kd_epochs=3", "data.source.num_train=1000", f"seed={seed}",
+                      "model@model.teacher=smallnet", "model@model.student=resnet8",
+                      f"model.teacher.ckpt={tmp_path / 'teacher.pt'}", "teacher_training.epochs=3",
+                      f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    first, last = (results["history"][k]["terms"] for k in (0, -1))
+    assert last["ce_strong"] > 0 and last["instance_strong"] > 0  # the strong view ran
+    assert last["instance_strong"] < 0.7 * first["instance_strong"]  # the student follows the teacher on it
+    assert results["test_acc"] > 0.3  # chance: 0.1
