@@ -9,6 +9,7 @@ import torch
 from conftest import TINY, compose_config, run_train
 from kd.bench.__main__ import main
 from kd.run import train
+from kd.trainer import NonFiniteLoss
 
 TINY_BENCH = ["data=synthetic", "data.source.num_train=300", "data.source.num_test=100", "bench.images=128",
               "bench.val_images=32", "bench.workers=0", "bench.pipeline_epochs=1", "model@model.teacher=smallnet",
@@ -59,6 +60,25 @@ def test_a_benchmark_cut_short_keeps_the_sections_measured_before(tmp_path, monk
     assert {"pipeline", "kd_epoch"} <= set(report) and "teacher_forward" not in report
     printed = capsys.readouterr().out
     assert "pipeline: classic " in printed and "kd_epoch: classic " in printed
+
+
+def test_a_method_that_fails_in_the_sweep_is_named_and_left_out_of_its_totals(tmp_path, monkeypatch, capsys):
+    from kd.bench import measure
+    monkeypatch.chdir(tmp_path)
+    harness_epoch = measure.harness_epoch
+
+    def diverging_at(cfg, *args, **kwargs):
+        if cfg.method.name == "at":
+            raise NonFiniteLoss("at: the loss became non-finite at epoch 1, step 3")
+        return harness_epoch(cfg, *args, **kwargs)
+    monkeypatch.setattr(measure, "harness_epoch", diverging_at)
+    main([*TINY_BENCH, "bench.runs=false", "bench.bf16=false"])
+    sweep = json.loads((tmp_path / "bench.json").read_text())["sweep"]
+    assert sweep["failed"] == {"at": "NonFiniteLoss: at: the loss became non-finite at epoch 1, step 3"}
+    assert all(set(sweep[way]["methods"]) == {"ce", "kd"} for way in ("classic", "harness_no_reuse", "harness_reuse"))
+    printed = capsys.readouterr().out
+    assert "sweep: at failed and is left out of the sweep rows: NonFiniteLoss" in printed
+    assert "2-method sweep: classic loops" in printed
 
 
 def report_has_no_accuracy_for_random_weights(path):

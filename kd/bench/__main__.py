@@ -72,7 +72,8 @@ SECTION_LINES = {
     "steps": lambda r: f"classic {r['classic_ms']:.2f} ms, harness eager {r['harness_eager_ms']:.2f} ms, "
                        f"harness compiled {r['harness_compiled_ms']:.2f} ms",
     "runs": lambda r: f"cold {r['cold']['wall_sec']:.1f} s, warm {r['warm']['wall_sec']:.1f} s, start to exit",
-    "sweep": lambda r: ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in r.items()),
+    "sweep": lambda r: ", ".join([f"{k} {v['seconds']:.1f} s" for k, v in r.items() if k != "failed"]
+                                 + [f"{method} failed" for method in r["failed"]]),
 }
 
 

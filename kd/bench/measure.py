@@ -233,13 +233,20 @@ def sweep(cfg_for: Callable[[str], DictConfig], methods: list[str], s: Setup, dt
     """Each method for one epoch: the classic loop, the harness computing the teacher per batch, and the
     harness with teacher reuse (a fresh cache folder, so the first method that needs the teacher computes)."""
     rows = {"classic": {}, "harness_no_reuse": {}, "harness_reuse": {}}
+    failed = {}
     with tempfile.TemporaryDirectory(prefix="kd-bench-cache-") as cache_dir:
         for method in methods:
             cfg = cfg_for(method)
-            rows["classic"][method] = classic_epoch(cfg, s)
-            rows["harness_no_reuse"][method] = harness_epoch(cfg, s, dtype)
-            rows["harness_reuse"][method] = harness_epoch(cfg, s, dtype, cache_dir)
-            say(f"sweep {method}: classic {rows['classic'][method]['seconds']:.1f}s, harness "
-                f"{rows['harness_no_reuse'][method]['seconds']:.1f}s, with reuse "
-                f"{rows['harness_reuse'][method]['seconds']:.1f}s")
-    return {name: {"seconds": sum(r["seconds"] for r in per.values()), "methods": per} for name, per in rows.items()}
+            try:  # a method that fails (a loss that diverges on the benchmark's data) is named, not the end of it
+                measured = {"classic": classic_epoch(cfg, s), "harness_no_reuse": harness_epoch(cfg, s, dtype),
+                            "harness_reuse": harness_epoch(cfg, s, dtype, cache_dir)}
+            except Exception as err:
+                failed[method] = f"{type(err).__name__}: {err}"
+                say(f"sweep {method}: failed ({failed[method]}); left out of every way's total")
+                continue
+            for way, row in measured.items():
+                rows[way][method] = row
+            say(f"sweep {method}: classic {measured['classic']['seconds']:.1f}s, harness "
+                f"{measured['harness_no_reuse']['seconds']:.1f}s, with reuse {measured['harness_reuse']['seconds']:.1f}s")
+    totals = {name: {"seconds": sum(r["seconds"] for r in per.values()), "methods": per} for name, per in rows.items()}
+    return {**totals, "failed": failed}

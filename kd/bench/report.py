@@ -55,7 +55,9 @@ def table(report: dict) -> str:
             continue
         ratio = r["kd_epoch_fp32" if name == "harness_fp32" else "kd_epoch_bf16"] if target else None
         lines.append(_row(f"KD epoch: {label}", row["seconds"], f"{row['images_per_sec']:.0f} images/s", ratio, target))
-    n = len(s["methods"])
+    n = len(sweep["classic"]["methods"])
+    for method, why in sweep.get("failed", {}).items():
+        lines.append(f"sweep: {method} failed and is left out of the sweep rows: {why}")
     for name, label, ratio, target in (("classic", "classic loops", None, None),
                                        ("harness_no_reuse", "harness, teacher per batch", r["sweep_without_reuse"], None),
                                        ("harness_reuse", "harness, teacher reused", r["sweep"], t["sweep"])):
