@@ -68,8 +68,8 @@ def test_the_named_configs_switch_it_on():
     assert not kd.method.loss.standardize and not dkd.method.loss.standardize
     assert kd_ls.method.loss.standardize and dkd_ls.method.loss.standardize
     assert kd_ls.method.loss.temperature == dkd_ls.method.loss.temperature == 2.0
-    # kd_ls: the authors' CE 1 + KD 9, at the harness's optimiser
-    assert (kd_ls.method.loss.ce_weight, kd_ls.method.loss.kd_weight) == (1.0, 9.0)
+    # kd_ls: the authors' CE 0.1 + KD 9 (LS cfg.py at f6e5aa5), at the harness's optimiser
+    assert (kd_ls.method.loss.ce_weight, kd_ls.method.loss.kd_weight) == (0.1, 9.0)
     assert kd_ls.optim == kd.optim
 
 
