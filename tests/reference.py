@@ -99,3 +99,16 @@ class ClassifierHead(nn.Module):
         self.fc = nn.Linear(weight.shape[1], weight.shape[0])
         with torch.no_grad():
             self.fc.weight.copy_(weight), self.fc.bias.copy_(bias)
+
+
+def scaled_logit_fixture_inputs(recipe):
+    """Seeded student and teacher logits (scaled normals) and labels, as the authors' code saw them (a fixture's
+    `inputs` recipe: MLKD, EA-KD), checked."""
+    g = torch.Generator().manual_seed(recipe["seed"])
+    zs = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
+    zt = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
+    y = torch.randint(recipe["classes"], (recipe["batch"],), generator=g)
+    check = recipe["check"]
+    assert zs.sum().item() == pytest.approx(check["student_sum"], rel=1e-12)
+    assert zt.sum().item() == pytest.approx(check["teacher_sum"], rel=1e-12) and y.tolist() == check["labels"]
+    return zs, zt, y

@@ -11,7 +11,7 @@ import torch
 
 from conftest import compose_config
 from kd.losses.batch import Progress
-from reference import batch as make_batch, log_softmax as np_log_softmax, outputs
+from reference import batch as make_batch, log_softmax as np_log_softmax, outputs, scaled_logit_fixture_inputs
 
 pytestmark = pytest.mark.usefixtures("float64")
 FIXTURE = Path(__file__).parent / "fixtures" / "entropy_aware_reference.json"
@@ -129,15 +129,7 @@ def test_the_weights_read_the_raw_logits_also_when_standardized(logits_batch, na
 
 def fixture():
     reference = json.loads(FIXTURE.read_text())
-    recipe = reference["inputs"]
-    g = torch.Generator().manual_seed(recipe["seed"])
-    zs = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
-    zt = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
-    y = torch.randint(recipe["classes"], (recipe["batch"],), generator=g)
-    check = recipe["check"]  # the inputs the reference saw
-    assert zs.sum().item() == pytest.approx(check["student_sum"], rel=1e-12)
-    assert zt.sum().item() == pytest.approx(check["teacher_sum"], rel=1e-12) and y.tolist() == check["labels"]
-    return reference, zs, zt, y
+    return (reference, *scaled_logit_fixture_inputs(reference["inputs"]))
 
 
 def test_weights_match_the_authors_get_w():

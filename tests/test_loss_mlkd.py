@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY, compose_config, run_train
-from reference import cross_entropy as np_ce, evaluate, log_softmax as np_log_softmax, outputs, softmax as np_softmax
+from reference import (cross_entropy as np_ce, evaluate, log_softmax as np_log_softmax, outputs,
+                       scaled_logit_fixture_inputs, softmax as np_softmax)
 
 pytestmark = pytest.mark.usefixtures("float64")
 TEMPERATURES = [4.0, 3.0, 5.0, 2.0, 6.0]
@@ -85,22 +86,11 @@ def test_masks_keep_the_teachers_less_confident_samples_and_classes():
     assert classes.tolist() == (mass <= mass.median()).double().tolist() and classes.sum() == 2
 
 
-def fixture_inputs(recipe):
-    g = torch.Generator().manual_seed(recipe["seed"])
-    zs = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
-    zt = torch.randn(recipe["batch"], recipe["classes"], generator=g, dtype=torch.float64) * recipe["scale"]
-    y = torch.randint(recipe["classes"], (recipe["batch"],), generator=g)
-    check = recipe["check"]  # the inputs the reference saw
-    assert zs.sum().item() == pytest.approx(check["student_sum"], rel=1e-12)
-    assert zt.sum().item() == pytest.approx(check["teacher_sum"], rel=1e-12) and y.tolist() == check["labels"]
-    return zs, zt, y
-
-
 def test_masking_released_matches_the_released_code_with_masks_active():
     """Fixture: the weak-view terms of KD_ours.forward_train (Jin-Ying/Multi-Level-Logit-Distillation) on seeded
     logits, half the samples and half the classes masked: value, each level, and the gradient."""
     reference = json.loads(FIXTURE.read_text())
-    zs, zt, y = fixture_inputs(reference["inputs"])
+    zs, zt, y = scaled_logit_fixture_inputs(reference["inputs"])
     loss = _mlkd()
     samples, classes = loss.masks(zt)
     assert samples.bool().tolist() == reference["sample_mask"] and classes.bool().tolist() == reference["class_mask"]
@@ -211,7 +201,7 @@ strong view), loss_bc and loss_cc agreed within 2.1e-16."""
 
 def test_mlkd_ls_matches_the_ls_authors_mlkd():
     reference = json.loads(FIXTURE.read_text())
-    zs, zt, y = fixture_inputs(reference["inputs"])
+    zs, zt, y = scaled_logit_fixture_inputs(reference["inputs"])
     temperatures = list(compose_config(["method=mlkd_ls"]).method.loss.temperatures)
     _, terms = evaluate(_mlkd(temperatures=temperatures, standardize=True, kd_weight=9.0), outputs(zs), outputs(zt), y)
     for name, value in LS_MLKD_REFERENCE.items():
@@ -302,7 +292,7 @@ def test_the_released_total_with_both_views_matches_the_authors_forward_train(ca
     both = reference["both_views"]
     expected = both["cases"][case]
     method, changes, rel = CASES[case]
-    zs, zt, y = fixture_inputs(reference["inputs"])
+    zs, zt, y = scaled_logit_fixture_inputs(reference["inputs"])
     zs_strong, zt_strong = strong_inputs(both["strong_inputs"])
     zs, zs_strong = zs.clone().requires_grad_(), zs_strong.clone().requires_grad_()
     loss = configured_mlkd(method, StandIn(zs_strong), StandIn(zt_strong), **changes)
@@ -332,7 +322,7 @@ def test_without_the_strong_view_the_released_total_loses_its_strong_terms():
     """The fixture's total less the strong view's (its CE and instance KD): what strong_view false gives, the unmasked
     weak-view terms at T = 2 and 6 staying; and without those too, the weak-view form of the first fixture."""
     reference = json.loads(FIXTURE.read_text())
-    zs, zt, y = fixture_inputs(reference["inputs"])
+    zs, zt, y = scaled_logit_fixture_inputs(reference["inputs"])
     zs_strong, zt_strong = strong_inputs(reference["both_views"]["strong_inputs"])
     both = configured_mlkd("mlkd", StandIn(zs_strong), StandIn(zt_strong))
     weak = configured_mlkd("mlkd", None, None, strong_view=False)
