@@ -113,6 +113,27 @@ def test_the_deployed_student_and_the_loss_match_the_authors_code(name):
                  case["ce_gradient_wrt_student_map"])
 
 
+@pytest.mark.parametrize("name", sorted(FIXTURE["cases"]))
+def test_the_loss_and_logits_are_the_papers_formula_on_the_projected_map(name):
+    """Independent of the authors' code: with P the projected map, z_s = W_t mean_hw(P) + b_t and
+    loss = mean((P - F_t)^2), F_t average-pooled in blocks to P's size where it is larger (numpy)."""
+    inputs = FIXTURE["cases"][name]["inputs"]
+    f_s, f_t, labels, student, teacher = fixture_case(inputs)
+    loss = SimKD(weight=1.0, ce_weight=0.0, student_model=student, teacher_model=teacher)
+    channels = inputs["student_shape"][0]
+    features = {}
+    student.projector.register_forward_hook(lambda _m, _i, out: features.update(projected=out))
+    net = TappedModel(student, [0.0] * channels, [1.0] * channels, {"feat": "projector"})
+    out = net(f_s)
+    parts = loss(out, Outputs(torch.zeros(len(labels), inputs["classes"]), {"feat": f_t}), batch(labels))
+    p, t = features["projected"].detach().numpy(), f_t.numpy()
+    k = t.shape[-1] // p.shape[-1]
+    t = t.reshape(*t.shape[:2], p.shape[-2], k, p.shape[-1], k).mean((3, 5))  # blocks of k x k
+    assert parts.terms["feature"].item() == pytest.approx(((p - t) ** 2).mean(), rel=1e-12)
+    w, b = teacher.linear.weight.detach().numpy(), teacher.linear.bias.detach().numpy()
+    assert out.logits.detach().numpy() == pytest.approx(p.mean((2, 3)) @ w.T + b, rel=1e-12, abs=1e-12)
+
+
 def test_the_deployed_student_drops_the_layers_after_its_feature_map():
     cfg = compose_config(["method=simkd", "model@model.teacher=resnet32x4", "model@model.student=mobilenetv2",
                           "data=cifar100"])
