@@ -8,7 +8,7 @@ import torch
 from conftest import compose_config
 from kd.losses.batch import Progress
 from reference import (batch as make_batch, cross_entropy as np_ce, log_softmax as np_log_softmax, outputs,
-                       softmax as np_softmax)
+                       scaled_logit_fixture_inputs, softmax as np_softmax)
 
 pytestmark = pytest.mark.usefixtures("float64")
 DEFAULTS = dict(t_start=1.0, t_range=20.0, theta_init=1.0, lambda_max=1.0, curriculum_fraction=10 / 240,
@@ -141,8 +141,8 @@ outside the project in float64 (torch 2.14.1) on tests/fixtures/mlkd_reference.j
 
 @pytest.mark.parametrize("t_start", [1.0, 2.0])
 def test_ctkd_ls_matches_the_ls_authors_distill_kl_logit_stand(t_start):
-    from test_loss_mlkd import FIXTURE, fixture_inputs
-    zs, zt, y = fixture_inputs(json.loads(FIXTURE.read_text())["inputs"])
+    from test_loss_mlkd import FIXTURE
+    zs, zt, y = scaled_logit_fixture_inputs(json.loads(FIXTURE.read_text())["inputs"])
     parts = _ctkd(t_start=t_start, standardize=True, kd_weight=9.0)(outputs(zs), outputs(zt), make_batch(y))
     assert parts.terms["temperature"].item() == pytest.approx(t_start + 20 / (1 + math.exp(-1)), rel=1e-12)
     assert parts.terms["kd"].item() == pytest.approx(LS_CTKD_REFERENCE[t_start], rel=1e-12)
