@@ -102,10 +102,10 @@ def test_wandb_offline_writes_the_run_under_the_run_folder(offline, random_teach
     results = train(_cfg(offline, random_teacher_ckpts, "logger.log_model=true"))
     assert "wandb:" not in "".join(capfd.readouterr())  # quiet by default
     path = wandb_file(offline)
+    summary = final_summary(path)  # waits for W&B to finish the file
     raw = path.read_bytes()  # protobuf records: keys and JSON-encoded values appear as text
     for key in (b"kd_epochs", b"temperature", b"val_acc", b"terms/kd", b"teacher/test_acc", b"train_time_sec"):
         assert key in raw, key
-    summary = final_summary(path)
     for key in ("val_acc", "test_acc", "train_acc", "best_epoch", "test_acc_last"):
         assert summary[key] == results[key], key
     (run,) = records(path, "run")

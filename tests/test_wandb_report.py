@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -20,12 +21,23 @@ SWEEP_YAML = ROOT / "examples" / "wandb-sweep-kd.yaml"
 
 # ---------------------------------------------------------------- the runs' own W&B files
 
-def wandb_records(path):
-    """The protobuf records of an offline run's .wandb file (W&B's LevelDB-style log: 32 KiB blocks, 7-byte
-    record headers; full = 1, first = 2, middle = 3, last = 4)."""
+def wandb_records(path, wait=30.0):
+    """The protobuf records of a finished offline run's .wandb file. W&B's service process writes the file and
+    may still be writing it after `run.finish()` returns, so this waits (up to `wait` seconds) for the run's last
+    record, its exit record."""
+    deadline = time.monotonic() + wait
+    while True:
+        records = list(_leveldb_records(path.read_bytes(), path))
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path} has no exit record after {wait}s: the run never finished"
+        time.sleep(0.1)
+
+
+def _leveldb_records(data, path):
+    """W&B's LevelDB-style log: 32 KiB blocks, 7-byte record headers; full = 1, first = 2, middle = 3, last = 4."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = path.read_bytes()
     assert data[:4] == b":W&B", path
     pos, parts = 7, b""
     while pos + 7 <= len(data):
@@ -34,6 +46,8 @@ def wandb_records(path):
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # the record being written
+            return
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         parts += chunk
         if kind in (1, 4):
