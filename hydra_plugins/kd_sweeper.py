@@ -287,11 +287,14 @@ class KDOptunaSweeper(Sweeper):
         study's lock): run them again in their own folders, which resume or skip what was done."""
         from optuna.trial import TrialState
 
-        orphans = sorted(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), key=lambda t: t.number)
-        for trial in [t for t in orphans if set(t.distributions) != set(distributions)]:
-            study.tell(trial.number, state=TrialState.FAIL)  # killed while Optuna sampled it: never launched
-            log.info("trial %d was never launched (its sweeper died while sampling it); marked failed", trial.number)
-        orphans = [t for t in orphans if set(t.distributions) == set(distributions)]
+        def running():
+            return sorted(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), key=lambda t: t.number)
+
+        for trial in [t for t in running() if set(t.distributions) != set(distributions)]:
+            missing = sample_the_rest(study, trial, distributions)
+            log.info("trial %d: its sweeping process died while Optuna sampled it; sampled the rest (%s) now",
+                     trial.number, ", ".join(missing))
+        orphans = running()
         if orphans:
             log.info("continuing %d trial(s) the previous sweeping process left running: %s", len(orphans),
                      [t.number for t in orphans])
@@ -354,6 +357,26 @@ class KDOptunaSweeper(Sweeper):
                                "overrides": self._overrides(best)}
             log.info("best trial %d: %s = %.4f with %s", best.number, self.objective, best.value, best.params)
         save_text(OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(summary)))), sweep_dir / BEST)
+
+
+def sample_the_rest(study, frozen, distributions: dict) -> list[str]:
+    """Optuna records a trial, then each of its parameters as it samples it: a sweeper killed in between leaves
+    a running trial short of some. They are sampled now, so that the trial runs like any other."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import Trial
+
+    trial, missing = Trial(study, frozen._trial_id), sorted(set(distributions) - set(frozen.distributions))
+    for name in missing:
+        d = distributions[name]
+        if isinstance(d, CategoricalDistribution):
+            trial.suggest_categorical(name, d.choices)
+        elif isinstance(d, IntDistribution):
+            trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+        elif isinstance(d, FloatDistribution):
+            trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+        else:
+            raise TypeError(f"cannot sample {name!r}: unexpected Optuna distribution {d!r}")
+    return missing
 
 
 def consecutive(trials: list) -> list[list]:

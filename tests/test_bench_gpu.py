@@ -42,8 +42,9 @@ def results(lines, part):
 def check(tmp_path_factory):
     """The whole check, with a failing method in the smoke list and a cap too small for the steps part."""
     folder = tmp_path_factory.mktemp("gpu-check")
-    proc = subprocess.run(check_command("bench.gpu.smoke_methods=[kd,nosuch]", "bench.gpu.steps_s=1"), cwd=folder,
-                          env=train_env(KD_ROOT=str(folder)), capture_output=True, text=True, timeout=300)
+    caps = [f"bench.gpu.{part}_s=300" for part in ("smoke", "sweep_sequential", "sweep_parallel")]  # ample on 2 cores
+    proc = subprocess.run(check_command("bench.gpu.smoke_methods=[kd,nosuch]", "bench.gpu.steps_s=1", *caps),
+                          cwd=folder, env=train_env(KD_ROOT=str(folder)), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return records(folder), proc.stdout
 
@@ -105,7 +106,7 @@ def test_a_killed_check_keeps_its_lines_and_ends_its_jobs(tmp_path):
                                           f"model.teacher.ckpt={teacher}"),
                             cwd=tmp_path, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not results(records(tmp_path), "sweep_parallel") and time.monotonic() < deadline:
             time.sleep(0.2)
         family = descendants(proc.pid)  # the part, the sweep, its launcher's task and the run in progress
@@ -117,7 +118,9 @@ def test_a_killed_check_keeps_its_lines_and_ends_its_jobs(tmp_path):
     kept = results(lines, "sweep_parallel")  # written before the kill, kept: ce's or kd's, whichever finished first
     assert kept and set(kept) <= {"ce", "kd"}
     assert len(family) >= 3
-    time.sleep(2)  # the part notices its check is gone within half a second
+    deadline = time.monotonic() + 30  # the part notices its check is gone within half a second, then ends them
+    while [pid for pid in family if running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not [pid for pid in family if running(pid)]
     for method in kept:
         (run,) = (Path(lines[0]["work"]) / "sweep_parallel" / "runs").glob(f"*_{method}/results.json")
@@ -184,6 +187,7 @@ def test_gpu_busy_is_sampled_from_nvidia_smi_and_null_without_it(tmp_path, monke
     smi.write_text('#!/bin/sh\ncase "$*" in *--id=1*) echo "75, 2048";; *) exit 6;; esac\n')
     smi.chmod(0o755)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # CUDA's device 0 is nvidia-smi's 1
+    monkeypatch.setattr(gpu, "SAMPLE_S", 0.05)  # several samples within the wait, however slow a spawn is
     with gpu.gpu_busy(torch.device("cuda", 0)) as busy:
         time.sleep(1.2)
     assert busy["gpu_busy"]["samples"] >= 2 and busy["gpu_busy"]["utilization_mean_pct"] == 75

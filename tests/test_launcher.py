@@ -12,11 +12,18 @@ from conftest import TINY, run_train
 from hydra_plugins.kd_launcher import LocalLauncher, run_at_most
 
 
-def timed_run(folder):
-    """A stand-in for one run: records when it started and ended; "crash" kills its own process."""
+def timed_run(folder, meet=()):
+    """A stand-in for one run: records when it started and ended; "crash" kills its own process. The runs numbered
+    in `meet` wait for each other before they start (however slow a process is to spawn), so they overlap if
+    they run at once."""
     def run(overrides, _dir_key, number, _job_id, _state):
         if overrides == ["crash"]:
             os.kill(os.getpid(), signal.SIGKILL)
+        if number in meet:
+            (folder / f"{number}.ready").touch()
+            deadline = time.monotonic() + 60
+            while not all((folder / f"{n}.ready").exists() for n in meet) and time.monotonic() < deadline:
+                time.sleep(0.01)
         start = time.time()
         time.sleep(0.6)
         (folder / f"{number}.json").write_text(json.dumps([start, time.time(), os.getpid()]))
@@ -38,7 +45,7 @@ def most_at_once(spans):
 
 
 def test_a_group_runs_at_most_k_at_once_each_in_its_own_process(tmp_path):
-    results = run_at_most(2, timed_run(tmp_path), group("a", "b", "c", "d", "e"))
+    results = run_at_most(2, timed_run(tmp_path, meet=(0, 1)), group("a", "b", "c", "d", "e"))
     assert [r.return_value for r in results] == [0, 10, 20, 30, 40]  # in the group's order
     spans = [json.loads((tmp_path / f"{n}.json").read_text()) for n in range(5)]
     assert most_at_once([s[:2] for s in spans]) == 2

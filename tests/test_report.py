@@ -247,23 +247,37 @@ def test_latency_is_a_positive_time_per_image():
     assert 0 < ms < 1000
 
 
-class SlowModel(torch.nn.Module):
-    """Sleeps 20 ms per forward pass and counts the passes."""
+class FakeClock:
+    """kd.report.complexity's clock in the timing test: only SlowModel moves it, so no scheduling delay counts."""
 
     def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+class SlowModel(torch.nn.Module):
+    """Takes 1/64 s of the fake clock per forward pass (a power of two: the sums are exact) and counts the passes."""
+
+    def __init__(self, clock):
         super().__init__()
-        self.weight, self.passes = torch.nn.Parameter(torch.ones(1)), 0
+        self.weight, self.passes, self.clock = torch.nn.Parameter(torch.ones(1)), 0, clock
 
     def forward(self, x):
         self.passes += 1
-        time.sleep(0.02)
+        self.clock.now += 1 / 64
         return x * self.weight
 
 
-def test_latency_timing_stops_at_its_time_budget_but_never_below_three_passes():
-    budgeted, unbudgeted, tiny = SlowModel(), SlowModel(), SlowModel()
-    assert latency_ms(budgeted, batch_size=2, warmup=1, repeats=50, seconds=0.1) == pytest.approx(10, rel=0.5)
-    assert 1 + 5 <= budgeted.passes <= 1 + 8  # one warm-up, then passes until 0.1 s were timed
+def test_latency_timing_stops_at_its_time_budget_but_never_below_three_passes(monkeypatch):
+    import kd.report.complexity
+
+    clock = FakeClock()
+    monkeypatch.setattr(kd.report.complexity, "time", clock)
+    budgeted, unbudgeted, tiny = SlowModel(clock), SlowModel(clock), SlowModel(clock)
+    assert latency_ms(budgeted, batch_size=2, warmup=1, repeats=50, seconds=0.1) == 1000 / 64 / 2
+    assert budgeted.passes == 1 + 7  # one warm-up, then passes until 0.1 s were timed: 7 x 1/64 s >= 0.1 s
     latency_ms(unbudgeted, batch_size=2, warmup=0, repeats=12)
     assert unbudgeted.passes == 12
     latency_ms(tiny, batch_size=2, warmup=0, repeats=20, seconds=1e-6)

@@ -174,6 +174,27 @@ def test_a_killed_search_continues_without_retraining_finished_trials(tmp_path, 
     assert log.count("epoch   1/1") == 1
 
 
+@pytest.mark.slow
+def test_a_trial_left_half_sampled_by_a_killed_sweeper_is_sampled_to_the_end_and_run(tmp_path, random_teacher_ckpts):
+    folder = tmp_path / "study"
+    args = ["-m", *search_args(folder, random_teacher_ckpts, "hydra.sweeper.n_jobs=1")]
+    first = run_train([a.replace("n_trials=3", "n_trials=1") for a in args], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # what Optuna's journal holds when the sweeper dies between sampling a trial's first and second parameter
+    half = study_of(folder).ask({"method.loss.temperature": FloatDistribution(1.0, 16.0, log=True)})
+    temperature = half.params["method.loss.temperature"]
+    relaunch = run_train([a.replace("n_trials=3", "n_trials=2") for a in args], cwd=tmp_path)
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    assert "trial 1: its sweeping process died while Optuna sampled it; sampled the rest (method.loss.alpha)" in \
+        relaunch.stderr + relaunch.stdout
+    trials = trials_by_number(folder)
+    assert sorted(trials) == [0, 1] and all(t.state.name == "COMPLETE" for t in trials.values())
+    assert trials[1].params["method.loss.temperature"] == temperature
+    assert 0.1 <= trials[1].params["method.loss.alpha"] <= 0.95
+    results = json.loads((folder / "1_kd" / "results.json").read_text())
+    assert trials[1].value == results["val_acc"]
+
+
 # ---------------------------------------------------------------- refusals
 
 @pytest.mark.slow

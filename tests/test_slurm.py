@@ -105,11 +105,12 @@ def test_a_failing_job_leaves_the_others_and_the_sweep_reports_it(tmp_path, rand
     # Slurm's own record: the failed task FAILED with a non-zero exit code, the other COMPLETED
     (array,) = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()}
     states = {}
-    for _ in range(30):  # slurmdbd records the end of a job a moment after it
+    for _ in range(120):  # slurmdbd records the end of a job a moment after it (COMPLETING first)
         out = subprocess.run(["sacct", "-j", array, "-X", "-n", "-P", "-o", "JobID,State,ExitCode"],
                              capture_output=True, text=True, check=True).stdout
         states = {line.split("|")[0]: line.split("|")[1:] for line in out.split()}
-        if {f"{array}_0", f"{array}_1"} <= set(states) and all(s[0] != "RUNNING" for s in states.values()):
+        if {f"{array}_0", f"{array}_1"} <= set(states) and all(s[0] in ("FAILED", "COMPLETED")
+                                                                  for s in states.values()):
             break
         time.sleep(1)
     assert states[f"{array}_0"][0] == "FAILED" and states[f"{array}_0"][1] != "0:0", states

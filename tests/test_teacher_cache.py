@@ -101,7 +101,9 @@ WORKER = textwrap.dedent("""
     trainer.compute_epoch = slow_compute
     cfg = compose_config([*TINY, "method=" + method, "kd_epochs=2", "model@model.teacher=resnet20",
                           "model.teacher.ckpt=" + ckpt, "teacher_cache.dir=" + cache])
-    os.makedirs(method); os.chdir(method)
+    # not a folder named after the method: one named `kd` beside this script would shadow the kd package
+    # (an empty namespace package, its resolvers never registered) for the other worker, if it imports later
+    os.makedirs('run-' + method); os.chdir('run-' + method)
     Path(me).touch()
     while not Path(other).exists():  # start both at the same moment
         time.sleep(0.01)
